@@ -261,3 +261,22 @@ def not_interactive(progress: bool | None) -> bool:
     import sys
 
     return bool(os.environ.get("CI")) or not sys.stderr.isatty()
+
+
+def atom_feature_table(kind: str = "cgcnn") -> torch.Tensor:
+    """Per-element input features indexed by atomic number (row 0 unused, zeros).
+
+    ``cgcnn`` is the 92-dim table of Xie & Grossman that ALIGNN uses, read from the copy
+    that ships with jarvis-tools so our features are the paper's, bit for bit.
+    """
+    if kind != "cgcnn":
+        raise ValueError(f"featurizer.atom_features: unknown kind {kind!r}; known: ['cgcnn']")
+    import jarvis.core
+
+    table_path = Path(jarvis.core.__file__).parent / "atom_init.json"
+    table = json.loads(table_path.read_text())
+    max_z = max(int(k) for k in table)
+    features = torch.zeros(max_z + 1, len(next(iter(table.values()))))
+    for z, values in table.items():
+        features[int(z)] = torch.tensor(values, dtype=torch.float32)
+    return features
