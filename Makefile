@@ -1,0 +1,45 @@
+# tlmat: `make demo` runs the quick study, `make test` the test suite.
+# Both create .venv and install everything first when needed.
+# On a machine without CUDA torch==2.13.0 (CPU) is installed before the rest; set
+# TORCH_SPEC / TORCH_INDEX to choose another build (e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CORES ?= 2
+DATA_DIR ?=
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+SNAKE_ARGS ?=
+
+DEMO_CONFIG := $(if $(DATA_DIR),--config data_dir=$(abspath $(DATA_DIR)) splits_file=$(abspath $(DATA_DIR))/splits.json,)
+
+.PHONY: install test lint demo study clean-results
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || \
+		$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/snakefmt --check Snakefile workflow
+	$(BIN)/snakemake --lint --configfile presets/quick.yaml $(DEMO_CONFIG)
+
+demo: install
+	$(BIN)/snakemake --cores $(CORES) --configfile presets/quick.yaml $(DEMO_CONFIG) $(SNAKE_ARGS)
+
+study: install
+	$(BIN)/snakemake --cores $(CORES) $(SNAKE_ARGS)
+
+clean-results:
+	rm -rf results resources .snakemake

@@ -1,0 +1,167 @@
+"""``tlmat`` command line: one verb per workflow step; each Snakemake rule calls one.
+
+Errors the user can fix (bad config, data, checkpoint, strategy) print one line,
+``tlmat: error: ...``, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+DEFAULT_CONFIG = "config.yaml"
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        "-c",
+        action="append",
+        metavar="FILE",
+        help=f"YAML config, repeatable, merged in order (default: ./{DEFAULT_CONFIG} if present)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="overrides",
+        help="override a config key, e.g. --set train.epochs=20 --set data_dir=../shared/data",
+    )
+    parser.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bars (default: on in a terminal, off under CI)",
+    )
+
+
+def _run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", "-d", required=True, help="data set key of the registry")
+    parser.add_argument("--size", "-n", type=int, required=True, help="train+val subset size")
+    parser.add_argument("--trial", "-t", type=int, default=1, help="trial number (>= 1)")
+    parser.add_argument("--out", "-o", type=Path, required=True, help="run output directory")
+    parser.add_argument("--run-id", help="run id recorded in metrics.json (default: --out)")
+    parser.add_argument("--lr", type=float, help="learning rate (default: config)")
+    parser.add_argument("--epochs", type=int, help="maximum epochs (default: train.epochs)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tlmat", description="Transfer learning for crystal property prediction."
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    prepare = verbs.add_parser("prepare", help="load, clean and split a data set")
+    _common(prepare)
+    prepare.add_argument("--dataset", "-d", required=True)
+
+    featurize = verbs.add_parser("featurize", help="build the graph cache of a data set")
+    _common(featurize)
+    featurize.add_argument("--dataset", "-d", required=True)
+
+    train = verbs.add_parser("train", help="train from scratch (scratch baseline or pre-train)")
+    _common(train)
+    _run_arguments(train)
+    train.add_argument("--kind", choices=["scratch", "pretrain"], default="scratch")
+
+    finetune = verbs.add_parser("finetune", help="fine-tune a checkpoint on a data set")
+    _common(finetune)
+    _run_arguments(finetune)
+    finetune.add_argument("--checkpoint", type=Path, required=True, help="pre-trained model.pt")
+    finetune.add_argument(
+        "--strategy",
+        help="full | last_layer | freeze_graph | new_head | new_head_freeze "
+        "(default: finetune.strategy)",
+    )
+
+    aggregate = verbs.add_parser("aggregate", help="collect metrics.json files into tables")
+    _common(aggregate)
+    aggregate.add_argument("--runs", type=Path, default=Path("results/runs"))
+    aggregate.add_argument("--out", type=Path, default=Path("results/tables"))
+    aggregate.add_argument("metrics", nargs="*", type=Path, help="metrics.json files (default: all under --runs)")
+
+    figures = verbs.add_parser("figures", help="draw the figures from the tables")
+    _common(figures)
+    figures.add_argument("--tables", type=Path, default=Path("results/tables"))
+    figures.add_argument("--runs", type=Path, default=Path("results/runs"))
+    figures.add_argument("--out", type=Path, default=Path("results/figures"))
+    return parser
+
+
+def _load_config(args: argparse.Namespace) -> dict:
+    from tlmat.config import load_config
+
+    files = args.config or ([DEFAULT_CONFIG] if Path(DEFAULT_CONFIG).is_file() else [])
+    return load_config(files, args.overrides)
+
+
+def _dispatch(args: argparse.Namespace) -> None:
+    from tlmat import runs
+
+    config = _load_config(args)
+    if args.verb == "prepare":
+        runs.prepare_dataset(config, args.dataset)
+    elif args.verb == "featurize":
+        runs.build_graphs(config, args.dataset)
+    elif args.verb in ("train", "finetune"):
+        spec = runs.RunSpec(
+            run_id=args.run_id or str(args.out),
+            dataset=args.dataset,
+            size=args.size,
+            trial=args.trial,
+            out_dir=args.out,
+            kind=args.kind if args.verb == "train" else "finetune",
+            checkpoint=getattr(args, "checkpoint", None),
+            strategy=getattr(args, "strategy", None)
+            or (config["finetune"]["strategy"] if args.verb == "finetune" else None),
+            lr=args.lr,
+            epochs=args.epochs,
+        )
+        metrics = runs.execute_run(config, spec, progress=args.progress)
+        logging.getLogger("tlmat").info(
+            "%s: test R2 %.4f, MAE %.4g (best epoch %d of %d)",
+            spec.run_id,
+            metrics["test_r2"],
+            metrics["test_mae"],
+            metrics["best_epoch"],
+            metrics["epochs_run"],
+        )
+    elif args.verb == "aggregate":
+        from tlmat.study import aggregate_command
+
+        aggregate_command(config, args.runs, args.out, args.metrics)
+    elif args.verb == "figures":
+        from tlmat.study import figures_command
+
+        figures_command(config, args.tables, args.runs, args.out)
+
+
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError, PermissionError, OSError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    try:
+        _dispatch(args)
+    except USER_ERRORS as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if isinstance(err, KeyError):
+            message = str(err.args[0]) if err.args else message
+        print(f"tlmat: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Configuration: YAML files merged in order, ``--set`` overrides, schema validation.
+
+The JSON schema (``config.schema.yaml``, next to this file) is the single place where keys,
+types and defaults are defined; the Snakefile validates the same file with
+``snakemake.utils.validate``. Errors are one line naming the key and what is wrong.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported to the user as one line."""
+
+
+def _schema() -> dict:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def deep_merge(base: Mapping, update: Mapping) -> dict:
+    """Recursive dict merge; ``update`` wins, mappings are merged key by key."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def apply_override(config: dict, assignment: str) -> dict:
+    """Apply ``dotted.key=value`` (value parsed as YAML) to a copy of ``config``."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. train.epochs=10")
+    dotted, raw = assignment.split("=", 1)
+    value = yaml.safe_load(raw) if raw else None
+    update: dict[str, Any] = value
+    for part in reversed(dotted.strip().split(".")):
+        update = {part: update}
+    return deep_merge(config, update)
+
+
+def _fill_defaults(validator_class: type) -> type:
+    """A validator that also writes schema defaults into the instance (as Snakemake does)."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, subschema in properties.items():
+                if "default" in subschema and name not in instance:
+                    instance[name] = copy.deepcopy(subschema["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+def validate(config: dict, source: str = "config") -> dict:
+    """Validate against the schema, filling defaults; returns the completed copy."""
+    completed = copy.deepcopy(config)
+    validator = _fill_defaults(jsonschema.Draft7Validator)(_schema())
+    errors = sorted(validator.iter_errors(completed), key=lambda e: list(e.absolute_path))
+    if errors:
+        error = errors[0]
+        where = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+        raise ConfigError(f"{source}: key '{where}': {error.message}")
+    return completed
+
+
+def load_config(
+    files: Iterable[str | Path] = (), overrides: Iterable[str] = ()
+) -> dict:
+    """Merge YAML files in order, apply overrides, validate and fill defaults."""
+    files = list(files)
+    config: dict = {}
+    for path in files:
+        config = deep_merge(config, read_yaml(path))
+    for assignment in overrides:
+        config = apply_override(config, assignment)
+    return validate(config, source=" + ".join(str(f) for f in files) or "config")
+
+
+def config_hash(config: Mapping) -> str:
+    """Short stable hash of the settings that determine a run's numbers."""
+    relevant = {k: config.get(k) for k in ("seed", "featurizer", "model", "train", "finetune")}
+    payload = json.dumps(relevant, sort_keys=True, default=str)
+    return hashlib.sha1(payload.encode()).hexdigest()[:12]

@@ -1,0 +1,338 @@
+"""Data sets: registry, loading (local frame / matminer / jarvis-tools), cleaning and splits.
+
+A data set is a matminer-format frame: index = integer id, columns ``structure``
+(pymatgen Structure) and ``target`` (float). Splits are a fixed held-out test set per data
+set plus per-trial subsets drawn from the rest; every random choice derives from the
+config seed, the trial and the size, so a (data set, size, trial) subset is the same for
+scratch and transfer runs and paired comparisons are valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import zlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pymatgen.core import Structure
+
+log = logging.getLogger(__name__)
+
+FRAME_COLUMNS = ("structure", "target")
+
+
+class DataError(ValueError):
+    """A data problem, reported to the user as one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """One registry entry of ``config.yaml``'s ``datasets``."""
+
+    key: str
+    source: str
+    name: str | None = None
+    target: str | None = None
+    path: str | None = None
+    label: str = ""
+    units: str = ""
+    target_only: bool = False
+
+    @classmethod
+    def from_config(cls, config: Mapping, key: str) -> DatasetSpec:
+        registry = config.get("datasets", {})
+        if key not in registry:
+            raise DataError(
+                f"unknown data set key {key!r}; the config's 'datasets' registry has "
+                f"{sorted(registry)}"
+            )
+        entry = dict(registry[key])
+        entry.setdefault("label", key)
+        return cls(key=key, **entry)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def read_frame(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a matminer-format frame, with a one-line error when it is not one."""
+    from matminer.utils.io import load_dataframe_from_json
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found")
+    try:
+        frame = load_dataframe_from_json(str(path), pbar=False)
+    except Exception as err:  # noqa: BLE001 - many decoders, one message
+        raise DataError(
+            f"{path}: not a matminer-format frame ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); write it with "
+            "matminer.utils.io.store_dataframe_as_json(df, path, orient='split')"
+        ) from err
+    if not isinstance(frame, pd.DataFrame) or not set(FRAME_COLUMNS) <= set(frame.columns):
+        found = list(frame.columns) if isinstance(frame, pd.DataFrame) else type(frame).__name__
+        raise DataError(f"{path}: a frame needs columns 'structure' and 'target'; found {found}")
+    return frame[list(FRAME_COLUMNS)]
+
+
+def write_frame(frame: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Write a matminer-format frame atomically (temp file + rename)."""
+    from matminer.utils.io import store_dataframe_as_json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.json.gz")
+    store_dataframe_as_json(frame, str(tmp), compression="gz", orient="split")
+    os.replace(tmp, path)
+
+
+def load_dataset(spec: DatasetSpec, data_dir: str | os.PathLike | None) -> pd.DataFrame:
+    """Raw frame of one data set: ``<data_dir>/<key>.json.gz`` first, else its source."""
+    if data_dir is not None:
+        local = Path(data_dir) / f"{spec.key}.json.gz"
+        if local.is_file():
+            log.info("%s: using local frame %s", spec.key, local)
+            return read_frame(local)
+    if spec.source == "file":
+        if not spec.path:
+            raise DataError(
+                f"datasets.{spec.key}: source 'file' needs structures you supply: set "
+                f"datasets.{spec.key}.path to a matminer-format frame (columns structure, "
+                f"target), or put {spec.key}.json.gz into data_dir"
+            )
+        return read_frame(spec.path)
+    if spec.source == "matminer":
+        return _load_matminer(spec)
+    if spec.source == "jarvis":
+        return _load_jarvis(spec)
+    raise DataError(f"datasets.{spec.key}: unknown source {spec.source!r}")
+
+
+def _load_matminer(spec: DatasetSpec) -> pd.DataFrame:
+    from matminer.datasets import load_dataset as matminer_load
+
+    if not spec.name or not spec.target:
+        raise DataError(f"datasets.{spec.key}: source 'matminer' needs 'name' and 'target'")
+    try:
+        raw = matminer_load(spec.name)
+    except Exception as err:  # noqa: BLE001 - network, checksum, unknown name
+        raise DataError(
+            f"datasets.{spec.key}: matminer could not load {spec.name!r} "
+            f"({type(err).__name__}); when offline, put {spec.key}.json.gz into data_dir"
+        ) from err
+    return _select_columns(raw, spec)
+
+
+def _load_jarvis(spec: DatasetSpec) -> pd.DataFrame:
+    from jarvis.core.atoms import Atoms
+    from jarvis.db.figshare import data as jarvis_data
+
+    if not spec.name or not spec.target:
+        raise DataError(f"datasets.{spec.key}: source 'jarvis' needs 'name' and 'target'")
+    try:
+        records = jarvis_data(spec.name)
+    except Exception as err:  # noqa: BLE001
+        raise DataError(
+            f"datasets.{spec.key}: jarvis-tools could not load {spec.name!r} "
+            f"({type(err).__name__}); when offline, put {spec.key}.json.gz into data_dir"
+        ) from err
+    frame = pd.DataFrame(
+        {
+            "structure": [Atoms.from_dict(r["atoms"]).pymatgen_converter() for r in records],
+            "target": [r.get(spec.target) for r in records],
+        }
+    )
+    return frame
+
+
+def _select_columns(raw: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
+    missing = [c for c in ("structure", spec.target) if c not in raw.columns]
+    if missing:
+        raise DataError(
+            f"datasets.{spec.key}: {spec.name!r} has no column(s) {missing}; "
+            f"columns are {list(raw.columns)}"
+        )
+    frame = raw[["structure", spec.target]].rename(columns={spec.target: "target"})
+    return frame.reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------- cleaning
+
+
+def _as_structure(value: object) -> Structure | None:
+    """A Structure with at least one site, or None when the value cannot be one."""
+    try:
+        structure = value if isinstance(value, Structure) else Structure.from_dict(value)
+    except Exception:  # noqa: BLE001 - any malformed record is simply dropped
+        return None
+    return structure if len(structure) > 0 else None
+
+
+def _fingerprint(structure: Structure, target: float) -> bytes:
+    """Exact identity of a record: lattice, species, coordinates and target."""
+    parts = (
+        np.round(structure.lattice.matrix, 8).tobytes(),
+        np.asarray(structure.atomic_numbers).tobytes(),
+        np.round(structure.frac_coords, 8).tobytes(),
+        np.float64(target).tobytes(),
+    )
+    return b"|".join(parts)
+
+
+def clean(frame: pd.DataFrame, key: str) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Drop non-finite targets, unparsable/empty structures and exact duplicates.
+
+    Returns the cleaned frame (integer index named ``id``) and the counts, which are logged.
+    """
+    counts = {"input": len(frame)}
+    frame = frame.copy()
+    if not pd.api.types.is_integer_dtype(frame.index):
+        frame = frame.reset_index(drop=True)
+    frame = frame[~frame.index.duplicated(keep="first")]
+    counts["duplicate_ids"] = counts["input"] - len(frame)
+
+    targets = pd.to_numeric(frame["target"], errors="coerce").astype(float)
+    finite = np.isfinite(targets.to_numpy())
+    counts["non_finite_target"] = int((~finite).sum())
+    frame = frame[finite].assign(target=targets[finite])
+
+    structures = frame["structure"].map(_as_structure)
+    parsed = structures.notna().to_numpy()
+    counts["bad_structure"] = int((~parsed).sum())
+    frame = frame[parsed].assign(structure=structures[parsed])
+
+    prints = [_fingerprint(s, t) for s, t in zip(frame["structure"], frame["target"], strict=True)]
+    unique = ~pd.Series(prints, index=frame.index).duplicated(keep="first").to_numpy()
+    counts["exact_duplicates"] = int((~unique).sum())
+    frame = frame[unique]
+    frame.index = frame.index.astype(np.int64).rename("id")
+    counts["kept"] = len(frame)
+    log.info("%s: cleaning %s", key, ", ".join(f"{k}={v}" for k, v in counts.items()))
+    if counts["kept"] == 0:
+        raise DataError(f"{key}: no usable records left after cleaning ({counts})")
+    return frame, counts
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def _rng(seed: int, *labels: object) -> np.random.Generator:
+    """A generator keyed by the seed and labels (stable across runs and processes)."""
+    keys = [seed] + [zlib.crc32(str(label).encode()) for label in labels]
+    return np.random.default_rng(keys)
+
+
+def make_splits(
+    ids: Sequence[int],
+    key: str,
+    seed: int,
+    test_fraction: float,
+    published: Mapping | None = None,
+) -> dict:
+    """Held-out test ids (+ published trial subsets) for one data set.
+
+    With ``published`` (this data set's entry of a splits file), its test ids and trial
+    subsets are reused exactly when the test structures are in the data. When none of them
+    are (e.g. bg/fe in the offline pools, whose test structures were never published), a
+    seeded test set is drawn instead and logged; a partial overlap is an error.
+    """
+    id_array = np.asarray(sorted(int(i) for i in ids), dtype=np.int64)
+    present = set(id_array.tolist())
+    if published is not None:
+        test = [int(i) for i in published.get("test", [])]
+        found = [i for i in test if i in present]
+        if found and len(found) == len(test):
+            trials = {
+                trial: {str(size): [int(i) for i in members] for size, members in sizes.items()}
+                for trial, sizes in published.get("trials", {}).items()
+            }
+            _check_subsets_present(key, trials, present)
+            return {"dataset": key, "source": "published", "seed": seed, "test": test, "trials": trials}
+        if found:
+            raise DataError(
+                f"splits_file: {len(test) - len(found)} of {len(test)} test ids of {key!r} are "
+                "missing from the data; use the data the splits were made for"
+            )
+        log.warning(
+            "%s: none of the %d published test structures are in the data; "
+            "drawing a seeded %.0f %% test set instead",
+            key,
+            len(test),
+            100 * test_fraction,
+        )
+    n_test = max(1, round(test_fraction * len(id_array)))
+    test_ids = _rng(seed, key, "test").choice(id_array, size=n_test, replace=False)
+    return {
+        "dataset": key,
+        "source": "generated",
+        "seed": seed,
+        "test": sorted(int(i) for i in test_ids),
+        "trials": {},
+    }
+
+
+def _check_subsets_present(key: str, trials: Mapping, present: set[int]) -> None:
+    for trial, sizes in trials.items():
+        for size, members in sizes.items():
+            missing = [i for i in members if i not in present]
+            if missing:
+                raise DataError(
+                    f"splits_file: {key}.trials.{trial}.{size} has {len(missing)} ids that are "
+                    f"not in the data (e.g. {missing[:3]})"
+                )
+
+
+def read_published_splits(path: str | os.PathLike | None, key: str) -> Mapping | None:
+    """This data set's entry of a splits file, or None (no file / key not in it)."""
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"splits_file {path}: not found")
+    try:
+        splits = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"splits_file {path}: not valid JSON ({err.msg})") from err
+    return splits.get(key)
+
+
+def subset_ids(splits: Mapping, pool_ids: Sequence[int], size: int, trial: int) -> list[int]:
+    """The training subset (train + val) of ``size`` for ``trial``, outside the test set.
+
+    Published subsets are used when the splits carry one for (trial, size); otherwise a
+    seeded draw from the pool. A request larger than the pool is capped with a log line.
+    """
+    published = splits.get("trials", {}).get(f"trial{trial}", {}).get(str(size))
+    if published is not None:
+        return [int(i) for i in published]
+    test = set(splits["test"])
+    pool = np.asarray(sorted(int(i) for i in pool_ids if int(i) not in test), dtype=np.int64)
+    if size > len(pool):
+        log.warning(
+            "%s: requested %d structures but the pool outside the test set holds %d; using all",
+            splits["dataset"],
+            size,
+            len(pool),
+        )
+        size = len(pool)
+    chosen = _rng(splits["seed"], splits["dataset"], "subset", trial, size).choice(
+        pool, size=size, replace=False
+    )
+    return [int(i) for i in chosen]
+
+
+def train_val_split(
+    ids: Sequence[int], val_fraction: float, seed: int, *labels: object
+) -> tuple[list[int], list[int]]:
+    """Seeded split of a subset into train and validation (at least one of each)."""
+    ids = np.asarray(list(ids), dtype=np.int64)
+    if len(ids) < 2:
+        raise DataError(f"a subset of {len(ids)} structure(s) cannot be split into train and val")
+    n_val = min(max(1, round(val_fraction * len(ids))), len(ids) - 1)
+    order = _rng(seed, "val", *labels).permutation(len(ids))
+    return [int(i) for i in ids[order[n_val:]]], [int(i) for i in ids[order[:n_val]]]

@@ -1,0 +1,17 @@
+"""Regression metrics in the data set's units (scikit-learn, one place for all of them)."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import mean_absolute_error, mean_absolute_percentage_error, r2_score
+
+
+def regression_metrics(target: np.ndarray, prediction: np.ndarray) -> dict[str, float]:
+    """R², MAE and MAPE; R² is NaN for fewer than two samples (undefined)."""
+    target = np.asarray(target, dtype=float)
+    prediction = np.asarray(prediction, dtype=float)
+    return {
+        "r2": float(r2_score(target, prediction)) if len(target) >= 2 else float("nan"),
+        "mae": float(mean_absolute_error(target, prediction)),
+        "mape": float(mean_absolute_percentage_error(target, prediction)),
+    }

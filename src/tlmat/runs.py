@@ -1,0 +1,292 @@
+"""From config to files: prepared data sets, graph caches and training runs.
+
+Every training job of the study (scratch, pre-train, fine-tune, chain stage) is
+:func:`execute_run` with a different :class:`RunSpec`; only the Snakefile knows the grid.
+Outputs are written under temporary names and renamed at the very end, ``metrics.json``
+last, so a killed or failed job never leaves files that look finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import platform
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+import tlmat
+from tlmat.checkpoint import (
+    check_featurizer,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
+from tlmat.config import config_hash
+from tlmat.data import (
+    DataError,
+    DatasetSpec,
+    clean,
+    load_dataset,
+    make_splits,
+    read_frame,
+    read_published_splits,
+    subset_ids,
+    train_val_split,
+    write_frame,
+)
+from tlmat.graphs import FeaturizerSettings, GraphCache, featurize
+from tlmat.metrics import regression_metrics
+from tlmat.models import ModelConfig, build_model
+from tlmat.train import Stopwatch, TargetScaler, TrainSettings, fit, predict, targets_of
+from tlmat.transfer import apply_strategy
+
+log = logging.getLogger(__name__)
+
+RUN_FILES = ("model.pt", "predictions.csv", "history.csv", "metrics.json")
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+def featurizer_settings(config: Mapping) -> FeaturizerSettings:
+    return FeaturizerSettings.from_dict(config.get("featurizer"))
+
+
+def frame_path(config: Mapping, key: str) -> Path:
+    return Path(config["resources_dir"]) / "datasets" / f"{key}.json.gz"
+
+
+def splits_path(config: Mapping, key: str) -> Path:
+    return Path(config["resources_dir"]) / "splits" / f"{key}.json"
+
+
+def graphs_path(config: Mapping, key: str) -> Path:
+    cache_key = featurizer_settings(config).cache_key()
+    return Path(config["resources_dir"]) / "graphs" / cache_key / f"{key}.pt"
+
+
+# ----------------------------------------------------------------------------- data steps
+
+
+def prepare_dataset(config: Mapping, key: str) -> tuple[Path, Path]:
+    """Load, clean and split one data set; writes the cleaned frame and its splits."""
+    spec = DatasetSpec.from_config(config, key)
+    frame, _ = clean(load_dataset(spec, config.get("data_dir")), key)
+    published = read_published_splits(config.get("splits_file"), key)
+    splits = make_splits(frame.index, key, config["seed"], config["test_fraction"], published)
+    write_frame(frame, frame_path(config, key))
+    _write_json(splits, splits_path(config, key))
+    log.info("%s: %d structures, %d held out for test (%s)", key, len(frame), len(splits["test"]), splits["source"])
+    return frame_path(config, key), splits_path(config, key)
+
+
+def build_graphs(config: Mapping, key: str) -> Path:
+    """Featurize every structure of a prepared data set once."""
+    if not frame_path(config, key).is_file():
+        prepare_dataset(config, key)
+    frame = read_frame(frame_path(config, key))
+    cache = featurize(
+        list(frame["structure"]), frame.index, frame["target"], featurizer_settings(config)
+    )
+    cache.save(graphs_path(config, key))
+    return graphs_path(config, key)
+
+
+def load_graphs(config: Mapping, key: str) -> GraphCache:
+    """The graph cache of a data set, built first when missing (standalone CLI use)."""
+    path = graphs_path(config, key)
+    if not path.is_file():
+        build_graphs(config, key)
+    return GraphCache.load(path, featurizer_settings(config))
+
+
+def load_splits(config: Mapping, key: str) -> dict:
+    path = splits_path(config, key)
+    if not path.is_file():
+        prepare_dataset(config, key)
+    return json.loads(path.read_text())
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One training job. ``checkpoint`` set = fine-tune that checkpoint with ``strategy``."""
+
+    run_id: str
+    dataset: str
+    size: int
+    trial: int
+    out_dir: Path
+    kind: str = "scratch"
+    checkpoint: Path | None = None
+    strategy: str | None = None
+    lr: float | None = None
+    epochs: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.trial < 1:
+            raise ValueError(f"trial must be >= 1, got {self.trial}")
+        if self.size < 2:
+            raise ValueError(f"size must be >= 2 (train + val), got {self.size}")
+
+
+def run_seed(config: Mapping, spec: RunSpec) -> int:
+    """Model-initialisation and shuffling seed of a run, derived from the config seed."""
+    labels = f"{spec.dataset}|{spec.size}|{spec.trial}|{spec.kind}"
+    return int(np.random.default_rng([config["seed"], *labels.encode()]).integers(2**31))
+
+
+def _train_settings(config: Mapping, spec: RunSpec) -> TrainSettings:
+    settings = TrainSettings.from_config(config["train"])
+    lr = spec.lr
+    if lr is None and spec.checkpoint is not None:
+        lr = config.get("finetune", {}).get("lr")
+    overrides = {"lr": lr, "epochs": spec.epochs}
+    return dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _split_graphs(config: Mapping, spec: RunSpec, cache: GraphCache, splits: Mapping):
+    subset = subset_ids(splits, cache.ids.tolist(), spec.size, spec.trial)
+    train_ids, val_ids = train_val_split(
+        subset, config["val_fraction"], config["seed"], spec.dataset, spec.size, spec.trial
+    )
+    test_ids = [int(i) for i in splits["test"]]
+    return cache.graphs(train_ids), cache.graphs(val_ids), cache.graphs(test_ids), test_ids
+
+
+def _build_or_load_model(config: Mapping, spec: RunSpec, featurizer: FeaturizerSettings):
+    """Scratch: a fresh model. Fine-tune: the checkpoint's model prepared by the strategy."""
+    if spec.checkpoint is None:
+        model_config = ModelConfig.from_dict(
+            {
+                **config["model"],
+                "heads": [spec.dataset],
+                "edge_features": featurizer.edge_features,
+                "angle_features": featurizer.angle_features,
+                "cutoff": featurizer.cutoff,
+            }
+        )
+        return build_model(model_config), []
+    payload = load_checkpoint(spec.checkpoint)
+    check_featurizer(payload, featurizer, spec.checkpoint)
+    model = model_from_checkpoint(payload, spec.checkpoint)
+    strategy = spec.strategy or config.get("finetune", {}).get("strategy", "full")
+    apply_strategy(model, strategy, spec.dataset)
+    return model, list(payload.get("lineage", []))
+
+
+def execute_run(config: Mapping, spec: RunSpec, progress: bool | None = None) -> dict:
+    """Train one run and write model.pt, predictions.csv, history.csv, metrics.json."""
+    stopwatch = Stopwatch()
+    settings = _train_settings(config, spec)
+    if settings.num_threads:
+        torch.set_num_threads(settings.num_threads)
+    featurizer = featurizer_settings(config)
+    cache = load_graphs(config, spec.dataset)
+    splits = load_splits(config, spec.dataset)
+    train_g, val_g, test_g, test_ids = _split_graphs(config, spec, cache, splits)
+    if not test_g:
+        raise DataError(f"{spec.dataset}: the held-out test set is empty")
+
+    seed = run_seed(config, spec)
+    torch.manual_seed(seed)
+    model, lineage = _build_or_load_model(config, spec, featurizer)
+    scaler = TargetScaler.fit(targets_of(train_g))
+    result = fit(model, spec.dataset, train_g, val_g, scaler, settings, seed, progress)
+
+    prediction = predict(model, spec.dataset, test_g, scaler, device=resolve_model_device(model))
+    target = targets_of(test_g)
+    scores = regression_metrics(target, prediction)
+    stage = {"dataset": spec.dataset, "size": spec.size, "trial": spec.trial, "strategy": spec.strategy}
+    source = lineage[-1] if lineage else {}
+    metrics = {
+        "run_id": spec.run_id,
+        "kind": spec.kind,
+        "model": model.config.arch,
+        "dataset": spec.dataset,
+        "size": spec.size,
+        "trial": spec.trial,
+        "seed": seed,
+        "pt_dataset": source.get("dataset"),
+        "pt_size": source.get("size"),
+        "pt_trial": source.get("trial"),
+        "chain": ">".join(f"{s['dataset']}:{s['size']}" for s in [*lineage, stage]),
+        "strategy": spec.strategy if spec.checkpoint is not None else None,
+        "lr": settings.lr,
+        "n_train": len(train_g),
+        "n_val": len(val_g),
+        "n_test": len(test_g),
+        "test_r2": scores["r2"],
+        "test_mae": scores["mae"],
+        "test_mape": scores["mape"],
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "best_val_loss": result.best_val_loss,
+        "wall_time_s": None,
+        "device": str(resolve_model_device(model)),
+        "splits_source": splits["source"],
+        "versions": versions(),
+        "config_hash": config_hash(config),
+    }
+    predictions = pd.DataFrame({"id": test_ids, "target": target, "prediction": prediction})
+    metrics["wall_time_s"] = round(stopwatch.seconds(), 3)
+    _write_run(spec, model, featurizer, scaler, metrics, predictions, result.history, [*lineage, stage])
+    return metrics
+
+
+def resolve_model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def versions() -> dict[str, str]:
+    import torch_geometric
+
+    return {
+        "tlmat": tlmat.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_geometric": torch_geometric.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def _write_run(spec, model, featurizer, scaler, metrics, predictions, history, lineage) -> None:
+    """Write every output under a temporary name, then rename, ``metrics.json`` last."""
+    out = Path(spec.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    temporary = {name: out / f".{name}.partial" for name in RUN_FILES}
+    try:
+        save_checkpoint(
+            temporary["model.pt"], model, featurizer, {spec.dataset: scaler}, spec.run_id, lineage
+        )
+        predictions.to_csv(temporary["predictions.csv"], index=False)
+        history.to_csv(temporary["history.csv"], index=False)
+        temporary["metrics.json"].write_text(json.dumps(metrics, indent=2, default=_json_default))
+        for name in RUN_FILES:
+            os.replace(temporary[name], out / name)
+    finally:
+        for path in temporary.values():
+            path.unlink(missing_ok=True)
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _write_json(data: Mapping, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
