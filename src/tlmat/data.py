@@ -87,7 +87,7 @@ def write_frame(frame: pd.DataFrame, path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.json.gz")
-    store_dataframe_as_json(frame, str(tmp), compression="gz", orient="split")
+    store_dataframe_as_json(frame, str(tmp), compression="gz", orient="split", pbar=False)
     os.replace(tmp, path)
 
 

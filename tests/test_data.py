@@ -1,0 +1,136 @@
+"""Data layer: loading errors, cleaning counts, splits (published and generated)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import make_frame
+
+from tlmat.data import (
+    DataError,
+    DatasetSpec,
+    clean,
+    load_dataset,
+    make_splits,
+    read_frame,
+    subset_ids,
+    train_val_split,
+    write_frame,
+)
+
+
+def test_frame_round_trip(tmp_path):
+    frame = make_frame(5)
+    write_frame(frame, tmp_path / "x.json.gz")
+    back = read_frame(tmp_path / "x.json.gz")
+    assert list(back.columns) == ["structure", "target"]
+    assert back.index.tolist() == frame.index.tolist()
+    assert np.allclose(back["target"], frame["target"])
+    assert back["structure"].iloc[2] == frame["structure"].iloc[2]
+
+
+def test_not_matminer_format_is_one_line_error(tmp_path):
+    bad = tmp_path / "bad.json.gz"
+    pd.DataFrame({"a": [1]}).to_json(bad, compression="gzip")
+    with pytest.raises(DataError, match=r"bad\.json\.gz: .*") as info:
+        read_frame(bad)
+    assert "\n" not in str(info.value)
+    not_json = tmp_path / "junk.json.gz"
+    not_json.write_bytes(b"not gzip at all")
+    with pytest.raises(DataError, match="junk.json.gz: not a matminer-format frame"):
+        read_frame(not_json)
+
+
+def test_data_dir_frame_is_used_without_download(tmp_path):
+    frame = make_frame(4)
+    write_frame(frame, tmp_path / "dc.json.gz")
+    spec = DatasetSpec(key="dc", source="matminer", name="dielectric_constant", target="poly_total")
+    loaded = load_dataset(spec, tmp_path)
+    assert len(loaded) == 4
+
+
+def test_file_source_without_path_explains_what_to_supply():
+    spec = DatasetSpec(key="ebg", source="file")
+    with pytest.raises(DataError, match="datasets.ebg: source 'file' needs structures you supply"):
+        load_dataset(spec, None)
+
+
+def test_unknown_dataset_key():
+    with pytest.raises(DataError, match="unknown data set key 'xx'"):
+        DatasetSpec.from_config({"datasets": {"dc": {"source": "matminer"}}}, "xx")
+
+
+def test_clean_counts_and_drops():
+    frame = make_frame(6)
+    frame["target"] = frame["target"].astype(object)
+    frame.loc[1, "target"] = np.nan
+    frame.loc[2, "target"] = "abc"
+    frame.at[3, "structure"] = {"not": "a structure"}
+    duplicate = frame.loc[[4]].copy()
+    duplicate.index = [100]
+    frame = pd.concat([frame, duplicate])
+    cleaned, counts = clean(frame, "x")
+    assert counts == {
+        "input": 7,
+        "duplicate_ids": 0,
+        "non_finite_target": 2,
+        "bad_structure": 1,
+        "exact_duplicates": 1,
+        "kept": 3,
+    }
+    assert cleaned.index.tolist() == [0, 4, 5]
+    assert cleaned["target"].dtype == float
+
+
+def test_generated_splits_are_seeded_and_disjoint():
+    ids = list(range(200))
+    a = make_splits(ids, "dc", seed=1, test_fraction=0.1)
+    b = make_splits(ids, "dc", seed=1, test_fraction=0.1)
+    c = make_splits(ids, "dc", seed=2, test_fraction=0.1)
+    assert a == b and a["test"] != c["test"] and len(a["test"]) == 20
+    subset = subset_ids(a, ids, 50, trial=1)
+    assert len(subset) == 50 and not set(subset) & set(a["test"])
+    assert subset == subset_ids(a, ids, 50, trial=1)
+    assert subset != subset_ids(a, ids, 50, trial=2)
+    capped = subset_ids(a, ids, 1000, trial=1)
+    assert sorted(capped) == sorted(set(ids) - set(a["test"]))
+
+
+def test_published_splits_reused_exactly():
+    ids = list(range(50))
+    published = {"test": [0, 1, 2, 3, 4], "trials": {"trial1": {"10": list(range(10, 20))}}}
+    splits = make_splits(ids, "ph", seed=1, test_fraction=0.1, published=published)
+    assert splits["source"] == "published" and splits["test"] == [0, 1, 2, 3, 4]
+    assert subset_ids(splits, ids, 10, trial=1) == list(range(10, 20))
+    other = subset_ids(splits, ids, 20, trial=1)  # not published: seeded draw outside test
+    assert len(other) == 20 and not set(other) & set(published["test"])
+
+
+def test_published_splits_absent_test_falls_back_partial_is_error():
+    ids = list(range(50))
+    absent = make_splits(ids, "bg", 1, 0.1, published={"test": [900, 901], "trials": {}})
+    assert absent["source"] == "generated" and len(absent["test"]) == 5
+    with pytest.raises(DataError, match="1 of 2 test ids of 'bg' are missing"):
+        make_splits(ids, "bg", 1, 0.1, published={"test": [1, 901], "trials": {}})
+    with pytest.raises(DataError, match=r"bg.trials.trial1.10 has 1 ids that are not in the data"):
+        make_splits(ids, "bg", 1, 0.1, published={"test": [1], "trials": {"trial1": {"10": [999]}}})
+
+
+def test_train_val_split():
+    train, val = train_val_split(range(100), 0.1, 0, "x")
+    assert len(train) == 90 and len(val) == 10 and not set(train) & set(val)
+    train, val = train_val_split(range(10), 0.1, 0, "x")
+    assert len(train) == 9 and len(val) == 1
+    with pytest.raises(DataError):
+        train_val_split([1], 0.1, 0)
+
+
+def test_real_splits_file_matches_data(shared_data):
+    splits = json.loads((shared_data / "splits.json").read_text())
+    frame = read_frame(shared_data / "ph.json.gz")
+    made = make_splits(frame.index, "ph", 42, 0.1, splits["ph"])
+    assert made["source"] == "published" and len(made["test"]) == 127
+    assert len(subset_ids(made, frame.index, 800, 1)) == 800
