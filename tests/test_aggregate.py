@@ -1,0 +1,395 @@
+"""Aggregation against hand-computed numbers on a tiny hand-made study.
+
+The expected gains, confidence intervals and p-values are written out in closed form here
+(not recomputed with the code under test), so a sign or pairing mistake cannot cancel out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tlmat import aggregate
+from tlmat.aggregate import StudyDefaults
+
+DEFAULTS = StudyDefaults(pt_size=941, lr=1e-3, strategy="full")
+# Student t quantile t_{0.975, df=2} in closed form: (2p - 1) / sqrt(2 p (1 - p)), p = 0.975.
+T975_DF2 = 0.95 / math.sqrt(2 * 0.975 * 0.025)
+# Two-sided p-value of t = 4 with df = 2: 1 - t / sqrt(2 + t^2) = 1 - 2 sqrt(2) / 3.
+P_T4_DF2 = 1 - 2 * math.sqrt(2) / 3
+
+
+def run_record(run_id: str, **overrides: object) -> dict:
+    """A complete, contract-conforming metrics.json record; tests override what matters."""
+    record = {
+        "run_id": run_id,
+        "kind": "scratch",
+        "model": "alignn",
+        "dataset": "dc",
+        "size": 800,
+        "trial": 1,
+        "seed": 1,
+        "pt_dataset": None,
+        "pt_size": None,
+        "strategy": None,
+        "lr": 1e-3,
+        "n_train": 800,
+        "n_val": 100,
+        "n_test": 100,
+        "test_r2": 0.5,
+        "test_mae": 1.0,
+        "test_mape": 0.1,
+        "best_epoch": 10,
+        "epochs_run": 20,
+        "best_val_loss": 0.3,
+        "wall_time_s": 12.5,
+        "device": "cpu",
+        "versions": {"torch": "2.5.0", "tlmat": "0.1.0"},
+        "config_hash": "abc123",
+    }
+    record.update(overrides)
+    return record
+
+
+def write_run(root: Path, record: dict) -> Path:
+    """Write ``<root>/<run_id>/metrics.json`` as the training code does."""
+    path = root / record["run_id"] / "metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+    return path
+
+
+def scratch(dataset: str, size: int, trial: int, r2: float, mae: float, **kw: object) -> dict:
+    return run_record(
+        f"scratch/{dataset}-{size}/t{trial}",
+        dataset=dataset,
+        size=size,
+        trial=trial,
+        seed=trial,
+        test_r2=r2,
+        test_mae=mae,
+        **kw,
+    )
+
+
+def finetune(
+    pt: str,
+    dataset: str,
+    size: int,
+    trial: int,
+    r2: float,
+    mae: float,
+    *,
+    pt_size: int = 941,
+    strategy: str = "full",
+    lr: float = 1e-3,
+) -> dict:
+    tag = strategy if lr == 1e-3 else f"{strategy}-lr{lr}"
+    return run_record(
+        f"ft/pt-{pt}-{pt_size}/ft-{dataset}-{size}/{tag}/t{trial}",
+        kind="finetune",
+        dataset=dataset,
+        size=size,
+        trial=trial,
+        seed=trial,
+        pt_dataset=pt,
+        pt_size=pt_size,
+        strategy=strategy,
+        lr=lr,
+        test_r2=r2,
+        test_mae=mae,
+    )
+
+
+def hand_made_study() -> list[dict]:
+    """Scratch vs FE->DC at 800 uses scratch MAE [1, 2, 3] and TL MAE [0.5, 1.5, 2]."""
+    records = [
+        scratch("dc", 800, 1, 0.5, 1.0),
+        scratch("dc", 800, 2, 0.6, 2.0),
+        scratch("dc", 800, 3, 0.8, 3.0),
+        scratch("dc", 100, 1, 0.2, 4.0),
+        scratch("dc", 100, 2, 0.4, 5.0),
+        finetune("fe", "dc", 800, 1, 0.6, 0.5),
+        finetune("fe", "dc", 800, 2, 0.9, 1.5),
+        finetune("fe", "dc", 800, 3, 0.8, 2.0),
+        finetune("fe", "dc", 100, 1, 0.3, 3.0),
+        finetune("fe", "dc", 100, 2, 0.5, 4.0),
+        finetune("bg", "dc", 800, 1, 0.7, 0.9),
+        # ablations: must stay out of the pair-wise grid
+        finetune("fe", "dc", 800, 1, 0.55, 0.8, strategy="last_layer"),
+        finetune("fe", "dc", 800, 2, 0.65, 1.6, strategy="last_layer"),
+        finetune("fe", "dc", 800, 1, 0.58, 0.7, lr=1e-4),
+        finetune("fe", "dc", 800, 1, 0.52, 0.95, pt_size=100),
+        run_record("pt/fe-941/t1", kind="pretrain", dataset="fe", size=941, test_r2=0.99),
+    ]
+    return records
+
+
+@pytest.fixture()
+def study(tmp_path: Path) -> list[Path]:
+    return [write_run(tmp_path / "runs", r) for r in hand_made_study()]
+
+
+@pytest.fixture()
+def runs(study: list[Path]) -> pd.DataFrame:
+    return aggregate.collect_runs(study)
+
+
+def row(table: pd.DataFrame, **keys: object) -> pd.Series:
+    """The single row of ``table`` matching ``keys``."""
+    mask = np.ones(len(table), dtype=bool)
+    for key, value in keys.items():
+        mask &= (table[key] == value).to_numpy()
+    assert mask.sum() == 1, f"expected one row for {keys}, found {mask.sum()}"
+    return table[mask].iloc[0]
+
+
+# ----------------------------------------------------------------------------- collect_runs
+
+
+def test_collect_runs_one_sorted_row_per_run(runs: pd.DataFrame) -> None:
+    assert len(runs) == len(hand_made_study())
+    assert list(runs["run_id"]) == sorted(runs["run_id"])
+    assert list(runs.columns[: len(aggregate.RUN_COLUMNS)]) == list(aggregate.RUN_COLUMNS)
+    assert runs["size"].dtype == "Int64"
+    assert runs.loc[runs["kind"] == "scratch", "pt_size"].isna().all()
+
+
+def test_collect_runs_keeps_extras_and_flattens_dicts(tmp_path: Path) -> None:
+    record = run_record("scratch/dc-800/t1", host="node1", extra={"a": {"b": 2}}, tags=[1, 2])
+    runs = aggregate.collect_runs([write_run(tmp_path, record)])
+    assert runs.loc[0, "host"] == "node1"
+    assert runs.loc[0, "extra.a.b"] == 2
+    assert runs.loc[0, "versions.torch"] == "2.5.0"
+    assert json.loads(runs.loc[0, "tags"]) == [1, 2]
+    assert "versions" not in runs.columns
+
+
+def test_collect_runs_rejects_invalid_json(tmp_path: Path) -> None:
+    bad = tmp_path / "broken" / "metrics.json"
+    bad.parent.mkdir()
+    bad.write_text('{"run_id": "x", ')
+    with pytest.raises(ValueError, match=r"broken/metrics\.json: not valid JSON"):
+        aggregate.collect_runs([bad])
+
+
+def test_collect_runs_rejects_missing_keys(tmp_path: Path) -> None:
+    record = run_record("scratch/dc-800/t1")
+    del record["test_mae"], record["seed"]
+    path = write_run(tmp_path, record)
+    with pytest.raises(ValueError, match=r"metrics\.json: missing required keys: seed, test_mae"):
+        aggregate.collect_runs([path])
+
+
+def test_collect_runs_rejects_non_object_and_unknown_kind(tmp_path: Path) -> None:
+    listing = tmp_path / "list.json"
+    listing.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="list.json: expected a JSON object"):
+        aggregate.collect_runs([listing])
+    path = write_run(tmp_path, run_record("a/t1", kind="distill"))
+    with pytest.raises(ValueError, match="unknown kind 'distill'"):
+        aggregate.collect_runs([path])
+
+
+def test_collect_runs_rejects_duplicate_run_ids(tmp_path: Path) -> None:
+    first = write_run(tmp_path / "a", run_record("scratch/dc-800/t1"))
+    second = write_run(tmp_path / "b", run_record("scratch/dc-800/t1"))
+    with pytest.raises(ValueError, match="duplicate run_id.*scratch/dc-800/t1"):
+        aggregate.collect_runs([first, second])
+
+
+def test_collect_runs_empty_has_header() -> None:
+    assert list(aggregate.collect_runs([]).columns) == list(aggregate.RUN_COLUMNS)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def test_describe_ci_uses_t_distribution() -> None:
+    out = aggregate.describe([0.5, 1.5, 2.0], "mae")
+    std = math.sqrt(((0.5 - 4 / 3) ** 2 + (1.5 - 4 / 3) ** 2 + (2.0 - 4 / 3) ** 2) / 2)
+    assert out["mae_mean"] == pytest.approx(4 / 3)
+    assert out["mae_std"] == pytest.approx(std)
+    assert out["mae_ci95"] == pytest.approx(T975_DF2 * std / math.sqrt(3))
+    single = aggregate.describe([2.0, float("nan")], "r2")
+    assert (
+        single["r2_mean"] == 2.0 and math.isnan(single["r2_std"]) and math.isnan(single["r2_ci95"])
+    )
+
+
+def test_paired_gains_sign_and_negative_scratch_r2() -> None:
+    gain_r2, gain_mae = aggregate.paired_gains([0.0, 0.9], [-0.5, 0.0], [1.0, 2.0], [2.0, 1.0])
+    assert gain_r2[0] == pytest.approx(100.0)  # relative to |r2_scr|, so TL better -> positive
+    assert math.isnan(gain_r2[1])  # scratch R² of exactly zero: undefined, not inf
+    assert gain_mae == pytest.approx([50.0, -100.0])
+
+
+def test_paired_p_value_matches_closed_form() -> None:
+    # differences 0.5, 0.5, 1.0: mean 2/3, sd sqrt(1/12), t = 4, df = 2
+    assert aggregate.paired_p_value([0.5, 1.5, 2.0], [1.0, 2.0, 3.0]) == pytest.approx(P_T4_DF2)
+    assert math.isnan(aggregate.paired_p_value([0.5], [1.0]))
+    assert math.isnan(aggregate.paired_p_value([0.8, 1.8], [1.0, 2.0]))  # constant difference
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def test_pairwise_grid_shape_and_plain_runs_only(runs: pd.DataFrame) -> None:
+    grid = aggregate.pairwise_grid(runs, DEFAULTS)
+    assert list(grid.columns) == list(aggregate.TABLE_COLUMNS["pairwise_grid"])
+    cells = set(zip(grid["pt_dataset"], grid["dataset"], grid["size"], strict=True))
+    assert cells == {("fe", "dc", 100), ("fe", "dc", 800), ("bg", "dc", 800)}
+    assert set(grid["pt_size"]) == {941}
+    # the last_layer / lr 1e-4 / pt_size 100 runs of FE->DC 800 are not averaged in
+    assert row(grid, pt_dataset="fe", size=800)["n"] == 3
+
+
+def test_pairwise_grid_gain_and_p_value_by_hand(runs: pd.DataFrame) -> None:
+    cell = row(aggregate.pairwise_grid(runs, DEFAULTS), pt_dataset="fe", size=800)
+    std_mae = math.sqrt(((0.5 - 4 / 3) ** 2 + (1.5 - 4 / 3) ** 2 + (2.0 - 4 / 3) ** 2) / 2)
+    assert cell["mae_mean"] == pytest.approx(4 / 3)
+    assert cell["mae_ci95"] == pytest.approx(T975_DF2 * std_mae / math.sqrt(3))
+    assert cell["r2_mean"] == pytest.approx((0.6 + 0.9 + 0.8) / 3)
+    assert cell["scratch_mae_mean"] == pytest.approx(2.0)
+    assert cell["scratch_r2_mean"] == pytest.approx((0.5 + 0.6 + 0.8) / 3)
+    # per trial: MAE (1-0.5)/1, (2-1.5)/2, (3-2)/3 ; R² (0.6-0.5)/0.5, (0.9-0.6)/0.6, 0
+    assert cell["gain_mae"] == pytest.approx((50.0 + 25.0 + 100 / 3) / 3)
+    assert cell["gain_r2"] == pytest.approx((20.0 + 50.0 + 0.0) / 3)
+    assert cell["n_pairs"] == 3
+    assert cell["p_value"] == pytest.approx(P_T4_DF2)
+    assert "ttest_rel" in cell["test"]
+
+
+def test_pairwise_grid_single_pair_has_no_p_value(runs: pd.DataFrame) -> None:
+    cell = row(aggregate.pairwise_grid(runs, DEFAULTS), pt_dataset="bg", size=800)
+    assert cell["n_pairs"] == 1
+    assert cell["gain_mae"] == pytest.approx(10.0)  # paired with scratch trial 1 only
+    assert cell["scratch_mae_mean"] == pytest.approx(1.0)
+    assert math.isnan(cell["p_value"]) and math.isnan(cell["mae_std"])
+
+
+def test_default_pt_size_none_means_largest(runs: pd.DataFrame) -> None:
+    by_none = aggregate.pairwise_grid(runs, StudyDefaults(pt_size=None, lr=1e-3))
+    by_map = aggregate.pairwise_grid(runs, StudyDefaults(pt_size={"fe": 941, "bg": 941}, lr=1e-3))
+    pd.testing.assert_frame_equal(by_none, aggregate.pairwise_grid(runs, DEFAULTS))
+    pd.testing.assert_frame_equal(by_map, by_none)
+
+
+def test_scratch_table(runs: pd.DataFrame) -> None:
+    table = aggregate.scratch_table(runs)
+    assert list(table.columns) == list(aggregate.TABLE_COLUMNS["scratch"])
+    small = row(table, dataset="dc", size=100)
+    assert small["n"] == 2
+    assert small["mae_mean"] == pytest.approx(4.5)
+    # n = 2: t_{0.975,1} = tan(pi * 0.475) = 12.706...; std of (4, 5) = 1/sqrt(2), se = 1/2
+    assert small["mae_ci95"] == pytest.approx(math.tan(math.pi * 0.475) * 0.5)
+
+
+def test_ambiguous_scratch_baseline_is_an_error(tmp_path: Path) -> None:
+    records = [scratch("dc", 800, 1, 0.5, 1.0), scratch("dc", 800, 1, 0.4, 1.1, lr=1e-4)]
+    records[1]["run_id"] = "scratch/dc-800/lr1e-4/t1"
+    runs = aggregate.collect_runs([write_run(tmp_path, r) for r in records])
+    with pytest.raises(ValueError, match="ambiguous scratch baseline"):
+        aggregate.scratch_table(runs)
+    picked = aggregate.scratch_table(runs, StudyDefaults(pt_size=None, lr=1e-3, scratch_lr=1e-3))
+    assert picked["mae_mean"].tolist() == [1.0]
+
+
+def test_ft_size_sweep_has_scratch_source(runs: pd.DataFrame) -> None:
+    sweep = aggregate.ft_size_sweep(runs, DEFAULTS)
+    assert list(sweep.columns) == list(aggregate.TABLE_COLUMNS["ft_size_sweep"])
+    assert set(zip(sweep["source"], sweep["size"], strict=True)) == {
+        ("scratch", 100),
+        ("scratch", 800),
+        ("fe", 100),
+        ("fe", 800),
+        ("bg", 800),
+    }
+    assert row(sweep, source="scratch", size=800)["mae_mean"] == pytest.approx(2.0)
+
+
+def test_pt_size_sweep_keeps_every_pt_size(runs: pd.DataFrame) -> None:
+    sweep = aggregate.pt_size_sweep(runs, DEFAULTS)
+    small = row(sweep, pt_dataset="fe", pt_size=100, size=800)
+    assert small["n"] == 1
+    assert small["gain_mae"] == pytest.approx(5.0)  # (1 - 0.95) / 1
+    assert row(sweep, pt_dataset="fe", pt_size=941, size=800)["n"] == 3
+
+
+def test_strategies_table(runs: pd.DataFrame) -> None:
+    table = aggregate.strategies(runs, DEFAULTS)
+    last = row(table, pt_dataset="fe", size=800, strategy="last_layer")
+    assert last["n"] == 2
+    assert last["gain_mae"] == pytest.approx(((1 - 0.8) / 1 + (2 - 1.6) / 2) / 2 * 100)
+    # differences 0.2, 0.4: t = 0.3 / 0.1 = 3 with df = 1 (Cauchy): p = 1 - 2 atan(3) / pi
+    assert last["p_value"] == pytest.approx(1 - 2 * math.atan(3) / math.pi)
+    assert row(table, pt_dataset="fe", size=800, strategy="full")["n"] == 3
+
+
+def test_learning_rate_table(runs: pd.DataFrame) -> None:
+    table = aggregate.learning_rate(runs, DEFAULTS)
+    assert sorted(table.loc[(table["pt_dataset"] == "fe") & (table["size"] == 800), "lr"]) == [
+        1e-4,
+        1e-3,
+    ]
+    assert row(table, pt_dataset="fe", size=800, lr=1e-4)["gain_mae"] == pytest.approx(30.0)
+
+
+def test_summary_markdown_headlines(runs: pd.DataFrame) -> None:
+    meta = {
+        "dc": {"label": "Dielectric constant", "units": ""},
+        "fe": {"label": "Formation energy"},
+    }
+    text = aggregate.summary_markdown(aggregate.build_tables(runs, DEFAULTS), meta)
+    assert text.startswith("# Transfer-learning study: summary")
+    # largest FT size cells: FE (36.1 %) and BG (10 %) -> mean MAE gain 23.1 %
+    assert f"{((50 + 25 + 100 / 3) / 3 + 10) / 2:+.1f}" in text
+    assert "| alignn | Dielectric constant (dc) | 800 | Formation energy (fe) |" in text
+    assert "**Best strategy (alignn)**: `full`" in text
+    assert "**Best learning rate (alignn)**: `0.0001`" in text
+
+
+def test_summary_markdown_without_runs() -> None:
+    empty = aggregate.collect_runs([])
+    text = aggregate.summary_markdown(aggregate.build_tables(empty, DEFAULTS))
+    assert "No runs found." in text and "_No runs in this family._" in text
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def test_write_tables_writes_every_file(study: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "tables"
+    written = aggregate.write_tables(study, out, DEFAULTS)
+    names = [p.name for p in written]
+    assert names == [
+        "runs.csv",
+        "scratch.csv",
+        "pairwise_grid.csv",
+        "ft_size_sweep.csv",
+        "pt_size_sweep.csv",
+        "strategies.csv",
+        "learning_rate.csv",
+        "summary.md",
+    ]
+    assert all(p.stat().st_size > 0 for p in written)
+    assert not list(out.glob(".*.tmp")), "temp files must not be left behind"
+    grid = pd.read_csv(out / "pairwise_grid.csv")
+    assert len(grid) == 3 and grid["size"].dtype == np.int64
+    assert pd.read_csv(out / "runs.csv")["run_id"].is_unique
+
+
+def test_write_tables_empty_families_have_headers(tmp_path: Path) -> None:
+    only_scratch = [write_run(tmp_path / "runs", scratch("dc", 800, 1, 0.5, 1.0))]
+    out = tmp_path / "tables"
+    aggregate.write_tables(only_scratch, out, DEFAULTS)
+    for name, columns in aggregate.TABLE_COLUMNS.items():
+        table = pd.read_csv(out / f"{name}.csv")
+        assert list(table.columns) == list(columns), name
+    assert len(pd.read_csv(out / "pairwise_grid.csv")) == 0
+    assert len(pd.read_csv(out / "scratch.csv")) == 1
