@@ -168,7 +168,7 @@ def fit(
             loss.backward()
             optimizer.step()
             scheduler.step()
-            running += float(loss) * batch.num_graphs
+            running += float(loss.detach()) * batch.num_graphs
             seen += batch.num_graphs
         val_loss, val_mae = _evaluate_loss(model, head, val_loader, scaler, device)
         rows.append(

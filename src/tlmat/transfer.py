@@ -62,6 +62,7 @@ def apply_strategy(model: TLModel, strategy: str, target_head: str) -> TLModel:
 def _drop_heads(model: TLModel) -> None:
     for name in list(model.heads):
         del model.heads[name]
+    model.config = dataclasses.replace(model.config, heads=())
 
 
 def _reuse_head(model: TLModel, target_head: str, strategy: str) -> None:
