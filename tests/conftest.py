@@ -13,7 +13,9 @@ from pymatgen.core import Lattice, Structure
 
 torch.set_num_threads(1)
 
-SHARED_DATA = Path(os.environ.get("TLMAT_SHARED_DATA", Path(__file__).parents[2] / "shared" / "data"))
+SHARED_DATA = Path(
+    os.environ.get("TLMAT_SHARED_DATA", Path(__file__).parents[2] / "shared" / "data")
+)
 ELEMENTS = ["Li", "O", "Si", "Mg", "Al", "Na", "Cl", "Ti"]
 
 

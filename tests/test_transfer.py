@@ -114,4 +114,8 @@ def test_finetune_refuses_bad_checkpoints(tmp_path):
         finetune(checkpoint, strategy="nope")
     assert not (tmp_path / "ft").exists()
     metrics = finetune(checkpoint)
-    assert (metrics["pt_dataset"], metrics["pt_size"], metrics["chain"]) == ("src", 20, "src:20>dst:20")
+    assert (metrics["pt_dataset"], metrics["pt_size"], metrics["chain"]) == (
+        "src",
+        20,
+        "src:20>dst:20",
+    )

@@ -83,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(aggregate)
     aggregate.add_argument("--runs", type=Path, default=Path("results/runs"))
     aggregate.add_argument("--out", type=Path, default=Path("results/tables"))
-    aggregate.add_argument("metrics", nargs="*", type=Path, help="metrics.json files (default: all under --runs)")
+    aggregate.add_argument(
+        "metrics", nargs="*", type=Path, help="metrics.json files (default: all under --runs)"
+    )
 
     figures = verbs.add_parser("figures", help="draw the figures from the tables")
     _common(figures)

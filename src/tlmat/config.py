@@ -92,9 +92,7 @@ def validate(config: dict, source: str = "config") -> dict:
     return completed
 
 
-def load_config(
-    files: Iterable[str | Path] = (), overrides: Iterable[str] = ()
-) -> dict:
+def load_config(files: Iterable[str | Path] = (), overrides: Iterable[str] = ()) -> dict:
     """Merge YAML files in order, apply overrides, validate and fill defaults."""
     files = list(files)
     config: dict = {}

@@ -252,7 +252,13 @@ def make_splits(
                 for trial, sizes in published.get("trials", {}).items()
             }
             _check_subsets_present(key, trials, present)
-            return {"dataset": key, "source": "published", "seed": seed, "test": test, "trials": trials}
+            return {
+                "dataset": key,
+                "source": "published",
+                "seed": seed,
+                "test": test,
+                "trials": trials,
+            }
         if found:
             raise DataError(
                 f"splits_file: {len(test) - len(found)} of {len(test)} test ids of {key!r} are "

@@ -82,7 +82,13 @@ def prepare_dataset(config: Mapping, key: str) -> tuple[Path, Path]:
     splits = make_splits(frame.index, key, config["seed"], config["test_fraction"], published)
     write_frame(frame, frame_path(config, key))
     _write_json(splits, splits_path(config, key))
-    log.info("%s: %d structures, %d held out for test (%s)", key, len(frame), len(splits["test"]), splits["source"])
+    log.info(
+        "%s: %d structures, %d held out for test (%s)",
+        key,
+        len(frame),
+        len(splits["test"]),
+        splits["source"],
+    )
     return frame_path(config, key), splits_path(config, key)
 
 
@@ -205,7 +211,12 @@ def execute_run(config: Mapping, spec: RunSpec, progress: bool | None = None) ->
     prediction = predict(model, spec.dataset, test_g, scaler, device=resolve_model_device(model))
     target = targets_of(test_g)
     scores = regression_metrics(target, prediction)
-    stage = {"dataset": spec.dataset, "size": spec.size, "trial": spec.trial, "strategy": spec.strategy}
+    stage = {
+        "dataset": spec.dataset,
+        "size": spec.size,
+        "trial": spec.trial,
+        "strategy": spec.strategy,
+    }
     source = lineage[-1] if lineage else {}
     metrics = {
         "run_id": spec.run_id,
@@ -238,7 +249,9 @@ def execute_run(config: Mapping, spec: RunSpec, progress: bool | None = None) ->
     }
     predictions = pd.DataFrame({"id": test_ids, "target": target, "prediction": prediction})
     metrics["wall_time_s"] = round(stopwatch.seconds(), 3)
-    _write_run(spec, model, featurizer, scaler, metrics, predictions, result.history, [*lineage, stage])
+    _write_run(
+        spec, model, featurizer, scaler, metrics, predictions, result.history, [*lineage, stage]
+    )
     return metrics
 
 
