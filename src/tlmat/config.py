@@ -83,7 +83,7 @@ def _fill_defaults(validator_class: type) -> type:
 def validate(config: dict, source: str = "config") -> dict:
     """Validate against the schema, filling defaults; returns the completed copy."""
     completed = copy.deepcopy(config)
-    validator = _fill_defaults(jsonschema.Draft7Validator)(_schema())
+    validator = _fill_defaults(jsonschema.Draft202012Validator)(_schema())
     errors = sorted(validator.iter_errors(completed), key=lambda e: list(e.absolute_path))
     if errors:
         error = errors[0]

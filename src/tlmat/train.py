@@ -154,9 +154,8 @@ def fit(
     )
     best_state, best_loss, best_epoch = None, math.inf, 0
     rows = []
-    bar = tqdm(
-        range(1, settings.epochs + 1), desc="train", unit="epoch", disable=not_interactive(progress)
-    )
+    quiet_bar = not_interactive(progress)
+    bar = tqdm(range(1, settings.epochs + 1), desc="train", unit="epoch", disable=quiet_bar)
     for epoch in bar:
         model.train()
         running, seen = 0.0, 0
@@ -181,6 +180,15 @@ def fit(
             }
         )
         bar.set_postfix(val_mae=f"{val_mae:.4g}", best=best_epoch)
+        if quiet_bar and (epoch == 1 or epoch % 10 == 0):  # a heartbeat for log files
+            log.info(
+                "epoch %d/%d: train loss %.4g, val loss %.4g, val MAE %.4g",
+                epoch,
+                settings.epochs,
+                rows[-1]["train_loss"],
+                val_loss,
+                val_mae,
+            )
         if val_loss < best_loss:
             best_loss, best_epoch = val_loss, epoch
             best_state = copy.deepcopy(model.state_dict())

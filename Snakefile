@@ -1,0 +1,20 @@
+# tlmat: the transfer-learning study as one DAG.
+# Full paper study:   snakemake --cores N
+# Quick study:        snakemake --cores 2 --configfile presets/quick.yaml --config data_dir=../shared/data
+# Grid, sizes and trials come from config.yaml (schema: workflow/schemas/config.schema.yaml).
+
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/aggregate.smk"
+
+
+rule all:
+    input:
+        TABLES,
+        FIGURES,
+    default_target: True

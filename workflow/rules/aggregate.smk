@@ -1,0 +1,71 @@
+# Tables over all runs, figures from the tables, captions for `snakemake --report`.
+
+TABLE_NAMES = (
+    "runs",
+    "scratch",
+    "pairwise_grid",
+    "ft_size_sweep",
+    "pt_size_sweep",
+    "strategies",
+    "learning_rate",
+)
+TABLES = [f"{RESULTS}/tables/{name}.csv" for name in TABLE_NAMES] + [
+    f"{RESULTS}/tables/summary.md"
+]
+
+# figure -> the study family whose runs it needs (None: always drawn)
+FIGURE_FAMILIES = {
+    "pairwise_r2": "pairwise",
+    "pairwise_mae": "pairwise",
+    "r2_vs_ft_size": "pairwise",
+    "r2_vs_pt_size": "pt_size_sweep",
+    "strategies": "strategies",
+    "learning_rate": "learning_rate",
+    "learning_curves": None,
+    "parity": None,
+}
+FIGURE_STEMS = [
+    f"{name}_{config['model']['arch']}"
+    for name, family in FIGURE_FAMILIES.items()
+    if family is None or FAMILIES[family]
+]
+FIGURES = [
+    f"{RESULTS}/figures/{stem}.{ext}" for stem in FIGURE_STEMS for ext in ("png", "pdf")
+]
+
+
+rule aggregate:
+    input:
+        METRICS,
+    output:
+        TABLES,
+    params:
+        defaults={k: config[k] for k in ("study", "finetune", "datasets")},
+        out=f"{RESULTS}/tables",
+    log:
+        f"{LOGS}/aggregate.log",
+    shell:
+        "tlmat aggregate --config {CONFIG} --out {params.out} {input} > {log} 2>&1"
+
+
+rule figures:
+    input:
+        TABLES,
+    output:
+        [
+            report(
+                f"{RESULTS}/figures/{stem}.png",
+                caption=f"../report/{stem.rsplit('_', 1)[0]}.rst",
+                category="Figures",
+            )
+            for stem in FIGURE_STEMS
+        ],
+        [f"{RESULTS}/figures/{stem}.pdf" for stem in FIGURE_STEMS],
+    params:
+        tables=f"{RESULTS}/tables",
+        out=f"{RESULTS}/figures",
+    log:
+        f"{LOGS}/figures.log",
+    shell:
+        "tlmat figures --config {CONFIG} --tables {params.tables} --runs {RUNS}"
+        " --out {params.out} > {log} 2>&1"
