@@ -335,7 +335,7 @@ def summarize_with_gain(
     gain_rows = [{**row, **_gain_row(group)} for row, group in _group_rows(paired, keys)]
     gains = pd.DataFrame(gain_rows, columns=[*keys, *GAIN_COLUMNS])
     out = summary.merge(gains, on=list(keys), how="left")
-    out["n_pairs"] = out["n_pairs"].fillna(0).astype(int)
+    out["n_pairs"] = pd.to_numeric(out["n_pairs"]).fillna(0).astype(int)
     out["test"] = PAIRED_TEST
     return out[[*keys, *STAT_COLUMNS, *GAIN_COLUMNS]]
 
@@ -535,12 +535,28 @@ def _best_source_rows(grid: pd.DataFrame, meta: Mapping | None) -> list[list[str
     ]
 
 
+def ablation_cells(table: pd.DataFrame, by: str) -> pd.DataFrame:
+    """Rows of the cells (model, PT source, PT size, target, FT size) where ``by`` was varied.
+
+    The strategies and learning-rate tables also hold the plain runs of every grid cell; a
+    comparison of levels must use only the cells where the levels compete, or the default
+    level would be averaged over many more (and different) cells than the others. Empty when
+    ``by`` was never varied, i.e. the ablation was not run.
+    """
+    if table.empty:
+        return table
+    cell = ["model", "pt_dataset", "pt_size", "dataset", "size"]
+    varied = table.groupby(cell, dropna=False)[by].transform("nunique") >= 2
+    return table[varied]
+
+
 def rank_by_gain(table: pd.DataFrame, by: str) -> pd.DataFrame:
-    """Mean gains per (model, ``by``) over all cells, best (highest MAE gain) first.
+    """Mean gains per (model, ``by``) over the ablation cells, best (highest MAE gain) first.
 
     MAE gain ranks because it is what the paired test is run on and because R² gain explodes
     for targets whose scratch R² is near zero.
     """
+    table = ablation_cells(table, by)
     if table.empty:
         return pd.DataFrame(columns=["model", by, "cells", "gain_r2", "gain_mae"])
     ranked = (
@@ -634,13 +650,13 @@ def summary_markdown(
     )
     gain_header = ["cells", "mean R² gain (%)", "mean MAE gain (%)"]
     parts += _section(
-        "Fine-tuning strategies (ranked by mean MAE gain)",
+        "Fine-tuning strategies (cells where strategies were compared; by mean MAE gain)",
         _ranked_rows(strat, "strategy"),
         ["model", "strategy", *gain_header],
         extra=_best_lines(strat, "strategy", "strategy"),
     )
     parts += _section(
-        "Learning rate (ranked by mean MAE gain)",
+        "Learning rate (cells where the lr was varied; by mean MAE gain)",
         _ranked_rows(lrs, "lr", "g"),
         ["model", "lr", *gain_header],
         extra=_best_lines(lrs, "lr", "learning rate", "g"),
