@@ -14,7 +14,7 @@ include: "workflow/rules/aggregate.smk"
 
 
 rule all:
+    default_target: True
     input:
         TABLES,
         FIGURES,
-    default_target: True

@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     figures.add_argument("--tables", type=Path, default=Path("results/tables"))
     figures.add_argument("--runs", type=Path, default=Path("results/runs"))
     figures.add_argument("--out", type=Path, default=Path("results/figures"))
+    figures.add_argument(
+        "--expect", nargs="*", default=[], metavar="STEM", help="figures that must exist after"
+    )
     return parser
 
 
@@ -140,7 +143,7 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif args.verb == "figures":
         from tlmat.study import figures_command
 
-        figures_command(config, args.tables, args.runs, args.out)
+        figures_command(config, args.tables, args.runs, args.out, args.expect)
 
 
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, PermissionError, OSError)

@@ -38,9 +38,38 @@ def aggregate_command(
     return write_tables(files, out_dir, study_defaults(config), dataset_meta(config))
 
 
-def figures_command(config: Mapping, tables_dir: Path, runs_dir: Path, out_dir: Path) -> list[Path]:
-    from tlmat.plots import write_figures
+def figures_command(
+    config: Mapping,
+    tables_dir: Path,
+    runs_dir: Path,
+    out_dir: Path,
+    expected: Sequence[str] = (),
+) -> list[Path]:
+    """Draw every figure; an ``expected`` figure without data gets a page that says so.
+
+    The Snakefile declares its figures from the enabled families; when a family's runs
+    cannot make its figure (e.g. a strategy study with one strategy), the declared file
+    still appears, stating why it is empty, instead of failing the whole workflow.
+    """
+    from tlmat.plots import save_figure, write_figures
 
     if not (Path(tables_dir) / "runs.csv").is_file():
         raise DataError(f"{tables_dir}: no runs.csv; run `tlmat aggregate` first")
-    return write_figures(tables_dir, runs_dir, out_dir, dataset_meta(config))
+    written = write_figures(tables_dir, runs_dir, out_dir, dataset_meta(config))
+    stems = {path.stem for path in written}
+    for stem in expected:
+        if stem not in stems:
+            written += save_figure(_empty_figure(stem), Path(out_dir), stem)
+    return written
+
+
+def _empty_figure(stem: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 2))
+    ax.axis("off")
+    ax.text(0.5, 0.5, f"{stem}: no runs vary what this figure compares", ha="center", va="center")
+    return fig

@@ -39,13 +39,15 @@ rule aggregate:
         METRICS,
     output:
         TABLES,
-    params:
-        defaults={k: config[k] for k in ("study", "finetune", "datasets")},
-        out=f"{RESULTS}/tables",
     log:
         f"{LOGS}/aggregate.log",
-    shell:
-        "tlmat aggregate --config {CONFIG} --out {params.out} {input} > {log} 2>&1"
+    conda:
+        ENV
+    params:
+        config=CONFIG,
+        defaults={k: config[k] for k in ("study", "finetune", "datasets")},
+    script:
+        "../scripts/aggregate.py"
 
 
 rule figures:
@@ -61,11 +63,14 @@ rule figures:
             for stem in FIGURE_STEMS
         ],
         [f"{RESULTS}/figures/{stem}.pdf" for stem in FIGURE_STEMS],
-    params:
-        tables=f"{RESULTS}/tables",
-        out=f"{RESULTS}/figures",
     log:
         f"{LOGS}/figures.log",
-    shell:
-        "tlmat figures --config {CONFIG} --tables {params.tables} --runs {RUNS}"
-        " --out {params.out} > {log} 2>&1"
+    conda:
+        ENV
+    params:
+        config=CONFIG,
+        runs=RUNS,
+        expect=FIGURE_STEMS,
+        datasets=config["datasets"],
+    script:
+        "../scripts/figures.py"

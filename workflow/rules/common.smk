@@ -41,7 +41,9 @@ def _check_study():
         for pair in STUDY[family]["pairs"]:
             _check_keys(f"study.{family}.pairs", pair)
             if pair[0] == pair[1]:
-                raise ValueError(f"config: study.{family}.pairs has {pair}: source == target")
+                raise ValueError(
+                    f"config: study.{family}.pairs has {pair}: source == target"
+                )
 
 
 _check_study()
@@ -54,7 +56,11 @@ def resolved_config() -> str:
     triggers come from each rule's params (the config sections that change its numbers).
     """
     text = yaml.safe_dump(config, sort_keys=True)
-    path = Path(RESOURCES) / "config" / f"{hashlib.sha1(text.encode()).hexdigest()[:10]}.yaml"
+    path = (
+        Path(RESOURCES)
+        / "config"
+        / f"{hashlib.sha1(text.encode()).hexdigest()[:10]}.yaml"
+    )
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -64,6 +70,13 @@ def resolved_config() -> str:
 
 
 CONFIG = resolved_config()
+ENV = "../../envs/tlmat.yaml"
+RUN_FILES = ("metrics.json", "model.pt", "predictions.csv", "history.csv")
+
+
+def run_outputs(directory):
+    """The four files of a training run, named metrics/model/predictions/history."""
+    return {name.split(".")[0]: f"{directory}/{name}" for name in RUN_FILES}
 
 
 def is_source(key):
@@ -104,7 +117,9 @@ def finetune_runs():
                 if ds != src:
                     for size in STUDY["ft_sizes"]:
                         for t in TRIALS:
-                            runs.add((src, STUDY["pt_size"], ds, size, FT_STRATEGY, FT_LR, t))
+                            runs.add(
+                                (src, STUDY["pt_size"], ds, size, FT_STRATEGY, FT_LR, t)
+                            )
     if FAMILIES["pt_size_sweep"]:
         sweep = STUDY["pt_size_sweep"]
         for src in sweep["sources"]:
@@ -112,7 +127,17 @@ def finetune_runs():
                 for ds in datasets:
                     if ds != src:
                         for t in TRIALS:
-                            runs.add((src, pt_size, ds, sweep["ft_size"], FT_STRATEGY, FT_LR, t))
+                            runs.add(
+                                (
+                                    src,
+                                    pt_size,
+                                    ds,
+                                    sweep["ft_size"],
+                                    FT_STRATEGY,
+                                    FT_LR,
+                                    t,
+                                )
+                            )
     if FAMILIES["strategies"]:
         for src, ds in STUDY["strategies"]["pairs"]:
             for strategy in STUDY["strategies"]["names"]:
@@ -124,7 +149,17 @@ def finetune_runs():
         for src, ds in family["pairs"]:
             for lr in family["lrs"]:
                 for t in TRIALS:
-                    runs.add((src, STUDY["pt_size"], ds, family["ft_size"], FT_STRATEGY, lr, t))
+                    runs.add(
+                        (
+                            src,
+                            STUDY["pt_size"],
+                            ds,
+                            family["ft_size"],
+                            FT_STRATEGY,
+                            lr,
+                            t,
+                        )
+                    )
     return sorted(runs, key=str)
 
 
@@ -135,7 +170,12 @@ def scratch_runs():
     """Scratch baselines: the grid's FT sizes, plus every (target, size) a fine-tune uses."""
     if not FAMILIES["scratch"]:
         return []
-    runs = {(ds, size, t) for ds in STUDY["datasets"] for size in STUDY["ft_sizes"] for t in TRIALS}
+    runs = {
+        (ds, size, t)
+        for ds in STUDY["datasets"]
+        for size in STUDY["ft_sizes"]
+        for t in TRIALS
+    }
     runs |= {(ds, size, t) for _, _, ds, size, _, _, t in FINETUNES}
     return sorted(runs, key=str)
 
@@ -144,7 +184,9 @@ SCRATCH = scratch_runs()
 METRICS = [f"{scratch_dir(*run)}/metrics.json" for run in SCRATCH] + [
     f"{ft_dir(*run)}/metrics.json" for run in FINETUNES
 ]
-PRETRAINS = sorted({(src, pt_size, pt_trial(t)) for src, pt_size, _, _, _, _, t in FINETUNES}, key=str)
+PRETRAINS = sorted(
+    {(src, pt_size, pt_trial(t)) for src, pt_size, _, _, _, _, t in FINETUNES}, key=str
+)
 
 
 def graphs(ds):
@@ -161,7 +203,9 @@ def data_params(ds):
     return {"entry": config["datasets"][ds], **{k: config[k] for k in keys}}
 
 
-TRAIN_PARAMS = {k: config[k] for k in ("seed", "val_fraction", "model", "train", "finetune")}
+TRAIN_PARAMS = {
+    k: config[k] for k in ("seed", "val_fraction", "model", "train", "finetune")
+}
 
 
 wildcard_constraints:

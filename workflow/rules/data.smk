@@ -5,12 +5,15 @@ rule prepare:
     output:
         frame=f"{RESOURCES}/datasets/{{ds}}.json.gz",
         splits=f"{RESOURCES}/splits/{{ds}}.json",
-    params:
-        data=lambda wc: data_params(wc.ds),
     log:
         f"{LOGS}/prepare/{{ds}}.log",
+    conda:
+        ENV
+    params:
+        config=CONFIG,
+        data=lambda wc: data_params(wc.ds),
     shell:
-        "tlmat prepare --config {CONFIG} --dataset {wildcards.ds} --no-progress > {log} 2>&1"
+        "tlmat prepare --config {params.config} --dataset {wildcards.ds} --no-progress > {log} 2>&1"
 
 
 rule featurize:
@@ -18,9 +21,12 @@ rule featurize:
         rules.prepare.output.frame,
     output:
         f"{RESOURCES}/graphs/{GRAPH_KEY}/{{ds}}.pt",
-    params:
-        featurizer=config["featurizer"],
     log:
         f"{LOGS}/featurize/{{ds}}.log",
+    conda:
+        ENV
+    params:
+        config=CONFIG,
+        featurizer=config["featurizer"],
     shell:
-        "tlmat featurize --config {CONFIG} --dataset {wildcards.ds} --no-progress > {log} 2>&1"
+        "tlmat featurize --config {params.config} --dataset {wildcards.ds} --no-progress > {log} 2>&1"

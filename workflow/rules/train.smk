@@ -1,11 +1,5 @@
 # Training jobs: scratch baselines, pre-training and fine-tuning; each is one `tlmat` call.
 
-RUN_FILES = ("metrics.json", "model.pt", "predictions.csv", "history.csv")
-
-
-def run_outputs(directory):
-    return {name.split(".")[0]: f"{directory}/{name}" for name in RUN_FILES}
-
 
 rule scratch:
     input:
@@ -13,17 +7,21 @@ rule scratch:
         splits=lambda wc: splits(wc.ds),
     output:
         **run_outputs(scratch_dir("{ds}", "{size}", "{trial}")),
-    params:
-        train=TRAIN_PARAMS,
-        run_id="scratch/{ds}-{size}/t{trial}",
-    threads: STUDY["threads"]
     log:
         f"{LOGS}/scratch/{{ds}}-{{size}}/t{{trial}}.log",
+    conda:
+        ENV
+    threads: STUDY["threads"]
+    params:
+        config=CONFIG,
+        out=lambda wc, output: os.path.dirname(output.metrics),
+        train=TRAIN_PARAMS,
+        run_id="scratch/{ds}-{size}/t{trial}",
     shell:
-        "tlmat train --config {CONFIG} --set train.num_threads={threads} --no-progress"
+        "tlmat train --config {params.config} --set train.num_threads={threads} --no-progress"
         " --kind scratch --dataset {wildcards.ds} --size {wildcards.size}"
         " --trial {wildcards.trial} --run-id {params.run_id}"
-        " --out $(dirname {output.metrics}) > {log} 2>&1"
+        " --out {params.out} > {log} 2>&1"
 
 
 rule pretrain:
@@ -32,17 +30,21 @@ rule pretrain:
         splits=lambda wc: splits(wc.src),
     output:
         **run_outputs(pt_dir("{src}", "{pt_size}", "{trial}")),
-    params:
-        train=TRAIN_PARAMS,
-        run_id="pt/{src}-{pt_size}/t{trial}",
-    threads: STUDY["threads"]
     log:
         f"{LOGS}/pt/{{src}}-{{pt_size}}/t{{trial}}.log",
+    conda:
+        ENV
+    threads: STUDY["threads"]
+    params:
+        config=CONFIG,
+        out=lambda wc, output: os.path.dirname(output.metrics),
+        train=TRAIN_PARAMS,
+        run_id="pt/{src}-{pt_size}/t{trial}",
     shell:
-        "tlmat train --config {CONFIG} --set train.num_threads={threads} --no-progress"
+        "tlmat train --config {params.config} --set train.num_threads={threads} --no-progress"
         " --kind pretrain --dataset {wildcards.src} --size {wildcards.pt_size}"
         " --trial {wildcards.trial} --run-id {params.run_id}"
-        " --out $(dirname {output.metrics}) > {log} 2>&1"
+        " --out {params.out} > {log} 2>&1"
 
 
 rule finetune:
@@ -52,16 +54,22 @@ rule finetune:
         splits=lambda wc: splits(wc.ds),
     output:
         **run_outputs(
-            ft_dir("{src}", "{pt_size}", "{ds}", "{size}", "{strategy}", "{lr}", "{trial}")
+            ft_dir(
+                "{src}", "{pt_size}", "{ds}", "{size}", "{strategy}", "{lr}", "{trial}"
+            )
         ),
-    params:
-        train=TRAIN_PARAMS,
-        run_id="ft/pt-{src}-{pt_size}/ft-{ds}-{size}/{strategy}-lr{lr}/t{trial}",
-    threads: STUDY["threads"]
     log:
         f"{LOGS}/ft/pt-{{src}}-{{pt_size}}/ft-{{ds}}-{{size}}/{{strategy}}-lr{{lr}}/t{{trial}}.log",
+    conda:
+        ENV
+    threads: STUDY["threads"]
+    params:
+        config=CONFIG,
+        out=lambda wc, output: os.path.dirname(output.metrics),
+        train=TRAIN_PARAMS,
+        run_id="ft/pt-{src}-{pt_size}/ft-{ds}-{size}/{strategy}-lr{lr}/t{trial}",
     shell:
-        "tlmat finetune --config {CONFIG} --set train.num_threads={threads} --no-progress"
+        "tlmat finetune --config {params.config} --set train.num_threads={threads} --no-progress"
         " --checkpoint {input.checkpoint} --strategy {wildcards.strategy} --lr {wildcards.lr}"
         " --dataset {wildcards.ds} --size {wildcards.size} --trial {wildcards.trial}"
-        " --run-id {params.run_id} --out $(dirname {output.metrics}) > {log} 2>&1"
+        " --run-id {params.run_id} --out {params.out} > {log} 2>&1"

@@ -1,0 +1,20 @@
+"""Snakemake script: aggregate the study's metrics.json files into tables.
+
+A script (not a shell command) because the full study has ~2,000 input files, more than
+fits into one shell command line.
+"""
+
+import logging
+from pathlib import Path
+
+from tlmat.config import load_config
+from tlmat.study import aggregate_command
+
+logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, force=True)  # noqa: F821
+config = load_config([snakemake.params.config])  # noqa: F821
+aggregate_command(
+    config,
+    Path(snakemake.input[0]).parent,  # noqa: F821 - unused: the files are given
+    Path(snakemake.output[0]).parent,  # noqa: F821
+    [Path(p) for p in snakemake.input],  # noqa: F821
+)
