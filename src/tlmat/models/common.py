@@ -198,9 +198,12 @@ def load_native(source: str, name: str, signatures: tuple[tuple[str, str], ...])
 _POOL: list[concurrent.futures.ThreadPoolExecutor] = []
 
 
-def parallel_chunks(rows: int, min_rows: int = 2048) -> list[tuple[int, int]]:
+MIN_CHUNK_ROWS = 2048  # below this a thread hand-off costs more than it saves
+
+
+def parallel_chunks(rows: int) -> list[tuple[int, int]]:
     """Contiguous row ranges, one per torch thread (fewer for small inputs)."""
-    k = max(1, min(torch.get_num_threads(), rows // min_rows))
+    k = max(1, min(torch.get_num_threads(), rows // MIN_CHUNK_ROWS))
     bounds = [rows * i // k for i in range(k + 1)]
     return list(zip(bounds[:-1], bounds[1:], strict=True))
 

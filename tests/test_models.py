@@ -1,0 +1,289 @@
+"""Model API, ALIGNN maths and symmetries, native-kernel parity, CGCNN."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_structures, synthetic_target
+from torch_geometric.data import Batch, Data
+
+from tlmat.graphs import FeaturizerSettings, structure_to_graph
+from tlmat.models import ARCHS, ModelConfig, TLModel, build_model, common
+from tlmat.models.alignn import EdgeGatedGraphConv, native_available
+
+SMALL = ModelConfig(hidden=32, embedding=16, alignn_layers=2, gcn_layers=2)
+SETTINGS = FeaturizerSettings()
+
+
+@pytest.fixture(scope="module")
+def graphs() -> list[Data]:
+    structures = make_structures(6, seed=3)
+    out = []
+    for s in structures:
+        g = structure_to_graph(s, SETTINGS)
+        g.y = torch.tensor([synthetic_target(s)], dtype=torch.float32)
+        out.append(g)
+    return out
+
+
+def small_model(seed: int = 0, **changes) -> TLModel:
+    torch.manual_seed(seed)
+    return build_model(dataclasses.replace(SMALL, **changes))
+
+
+def warmed_up(model: TLModel, graphs: list[Data]) -> TLModel:
+    """A few train-mode passes so BatchNorm running stats are not the trivial (0, 1)."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(Batch.from_data_list(graphs))
+    return model.eval()
+
+
+def set_native(model: TLModel, enabled: bool) -> TLModel:
+    for module in model.modules():
+        if isinstance(module, EdgeGatedGraphConv):
+            module.native = enabled
+    return model
+
+
+# ------------------------------------------------------------------------------ config / API
+
+
+def test_paper_size_parameter_count() -> None:
+    model = build_model(ModelConfig())
+    n = sum(p.numel() for p in model.parameters())
+    assert 3_900_000 <= n <= 4_200_000, n
+    assert set(dict(model.backbone.named_children())) == {"embedding", "graph_layers", "readout"}
+    assert len(model.backbone.graph_layers) == 8
+    assert isinstance(model.heads["target"], torch.nn.Linear)
+    assert model.heads["target"].in_features == 256 and model.frozen == set()
+
+
+def test_config_round_trip_and_errors() -> None:
+    config = ModelConfig(arch="cgcnn", hidden=64, heads=("a", "b"))
+    assert ModelConfig.from_dict(config.to_dict()) == config
+    assert ModelConfig.from_dict({"heads": ["x"]}).heads == ("x",)
+    assert ModelConfig.from_dict(None) == ModelConfig()
+    with pytest.raises(ValueError, match="hiden"):
+        ModelConfig.from_dict({"hiden": 3})
+    with pytest.raises(ValueError, match="alignn.*cgcnn"):
+        ModelConfig.from_dict({"arch": "schnet"})
+    with pytest.raises(ValueError, match="duplicate"):
+        ModelConfig(heads=("a", "a"))
+    assert set(ARCHS) == {"alignn", "cgcnn"}
+
+
+def test_heads_shapes_and_selection(graphs: list[Data]) -> None:
+    model = small_model(heads=("a", "b"))
+    batch = Batch.from_data_list(graphs[:3])
+    out = model(batch)
+    assert set(out) == {"a", "b"} and all(v.shape == (3,) for v in out.values())
+    assert set(model(batch, heads=["b"])) == {"b"}
+    assert model.embed(batch).shape == (3, SMALL.hidden)
+    with pytest.raises(KeyError, match="nope"):
+        model(batch, heads=["nope"])
+    model.add_head("c")
+    assert model.config.heads == ("a", "b", "c")
+    assert model(batch)["c"].shape == (3,)
+    with pytest.raises(ValueError, match="already"):
+        model.add_head("a")
+
+
+def test_readout_zero_is_identity(graphs: list[Data]) -> None:
+    model = small_model(readout_layers=0)
+    assert len(model.backbone.readout) == 0
+    x = torch.randn(2, SMALL.hidden)
+    assert torch.equal(model.backbone.readout(x), x)
+    assert model(Batch.from_data_list(graphs[:2]))["target"].shape == (2,)
+
+
+# ------------------------------------------------------------------------------ ALIGNN maths
+
+
+def reference_conv(conv: EdgeGatedGraphConv, x, y, edge_index):
+    """ALIGNN's DGL EdgeGatedGraphConv written out with five separate maps, per edge."""
+    h = conv.hidden
+    w, b = conv.node_linear.weight, conv.node_linear.bias
+    src_gate, dst_gate, dst_update, src_update = (
+        (lambda v, i=i: F.linear(v, w[i * h : (i + 1) * h], b[i * h : (i + 1) * h]))
+        for i in range(4)
+    )
+    src, dst = edge_index
+    m = src_gate(x)[src] + dst_gate(x)[dst] + conv.edge_gate(y)
+    sigma = torch.sigmoid(m)
+    num = torch.zeros_like(x).index_add(0, dst, dst_update(x)[src] * sigma)
+    den = torch.zeros_like(x).index_add(0, dst, sigma)
+    x_new = src_update(x) + num / (den + 1e-6)
+    x_out = x + F.silu(conv.bn_nodes(x_new))
+    y_out = y + F.silu(conv.bn_edges(m))
+    return x_out, y_out
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_edge_gated_conv_matches_reference(native: bool) -> None:
+    if native and not native_available():
+        pytest.skip("native kernels unavailable")
+    torch.manual_seed(0)
+    conv = EdgeGatedGraphConv(16)
+    conv.native = native
+    n, e = 9, 40
+    edge_index = torch.randint(0, n, (2, e))
+    x, y = torch.randn(n, 16), torch.randn(e, 16)
+    gather = torch.stack((edge_index[0], edge_index[1] + n), 1)
+    for mode in (True, False):
+        conv.train(mode)
+        ref = copy.deepcopy(conv)
+        x1, y1 = conv(x, y, edge_index, gather)
+        x2, y2 = reference_conv(ref, x, y, edge_index)
+        torch.testing.assert_close(x1, x2, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(y1, y2, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(conv.bn_edges.running_var, ref.bn_edges.running_var)
+
+
+@pytest.mark.skipif(not native_available(), reason="native kernels unavailable")
+@pytest.mark.parametrize("threads", [1, 3])
+def test_native_kernels_match_pytorch_path(
+    graphs: list[Data], threads: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Forward, every parameter gradient and BatchNorm statistics agree in both modes."""
+    monkeypatch.setattr(common, "MIN_CHUNK_ROWS", 16)  # several chunks even for tiny graphs
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _compare_native_and_pytorch(Batch.from_data_list(graphs))
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _compare_native_and_pytorch(batch: Batch) -> None:
+    fast = set_native(small_model(), True)
+    slow = set_native(copy.deepcopy(fast), False)
+    for mode in (True, False, True):
+        grads = []
+        for model in (fast, slow):
+            model.train(mode)
+            model.zero_grad()
+            out = model(batch)["target"]
+            F.mse_loss(out, batch.y).backward()
+            grads.append({n: p.grad for n, p in model.named_parameters()})
+            grads[-1]["out"] = out.detach()
+        for name, g_slow in grads[1].items():
+            g_fast = grads[0][name]
+            assert (g_fast is None) == (g_slow is None), name
+            if g_slow is None:  # BatchNorm of an output nobody reads (see test_frozen...)
+                continue
+            scale = g_slow.abs().max().item()
+            if name.endswith(".0.bias") and mode:
+                continue  # bias before a train-mode BatchNorm: true gradient 0, only round-off
+            assert (g_fast - g_slow).abs().max().item() <= 1e-4 * scale + 1e-6, name
+        for b_fast, b_slow in zip(fast.buffers(), slow.buffers(), strict=True):
+            torch.testing.assert_close(b_fast, b_slow, atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------ symmetries
+
+
+def permuted(g: Data, seed: int = 0) -> Data:
+    """The same crystal with atoms renumbered and bonds listed in another order."""
+    gen = torch.Generator().manual_seed(seed)
+    n, e = g.num_nodes, g.edge_index.shape[1]
+    perm = torch.randperm(n, generator=gen)  # new atom k is old atom perm[k]
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(n)
+    order = torch.randperm(e, generator=gen)
+    return Data(
+        z=g.z[perm],
+        edge_index=inverse[g.edge_index][:, order],
+        edge_vec=g.edge_vec[order],
+        num_nodes=n,
+    )
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_invariant_to_atom_order(graphs: list[Data], arch: str) -> None:
+    model = warmed_up(small_model(arch=arch), graphs)
+    multi = [g for g in graphs if g.num_nodes > 1]
+    with torch.no_grad():
+        a = model(Batch.from_data_list(multi))["target"]
+        b = model(Batch.from_data_list([permuted(g, i) for i, g in enumerate(multi)]))["target"]
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_invariant_to_translation(graphs: list[Data]) -> None:
+    model = warmed_up(small_model(), graphs)
+    structures = make_structures(4, seed=5)
+    moved = []
+    for s in structures:
+        s = s.copy()
+        s.translate_sites(list(range(len(s))), [0.37, -1.21, 2.5], frac_coords=False)
+        moved.append(s)
+    with torch.no_grad():
+        a = model(Batch.from_data_list([structure_to_graph(s, SETTINGS) for s in structures]))
+        b = model(Batch.from_data_list([structure_to_graph(s, SETTINGS) for s in moved]))
+    torch.testing.assert_close(a["target"], b["target"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_batch_equals_single_graphs(graphs: list[Data], arch: str) -> None:
+    model = warmed_up(small_model(arch=arch), graphs)
+    with torch.no_grad():
+        together = model(Batch.from_data_list(graphs))["target"]
+        alone = torch.cat([model(Batch.from_data_list([g]))["target"] for g in graphs])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------ training
+
+
+def test_frozen_modules_keep_batchnorm_stats(graphs: list[Data]) -> None:
+    model = small_model()
+    model.frozen = {"backbone.embedding", "backbone.graph_layers.0"}
+    before = copy.deepcopy(model.state_dict())
+    model.train()
+    assert not model.backbone.embedding.training and not model.backbone.graph_layers[0].training
+    assert model.backbone.graph_layers[1].training and model.heads.training
+    model(Batch.from_data_list(graphs))
+    after = model.state_dict()
+    # outputs nobody reads are not computed: the line-graph edge BatchNorm of the last ALIGNN
+    # layer and the edge BatchNorm of the last GCN layer never see data
+    dead = ("backbone.graph_layers.1.edge_update.bn_edges.", "backbone.graph_layers.3.bn_edges.")
+    for name, value in before.items():
+        if "running_" not in name or name.startswith(dead):
+            continue
+        frozen = name.startswith(("backbone.embedding.", "backbone.graph_layers.0."))
+        assert torch.equal(after[name], value) == frozen, name
+    model.frozen = {"backbone.nothing"}
+    with pytest.raises(ValueError, match="nothing"):
+        model.train()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_overfits_a_few_crystals(graphs: list[Data], arch: str) -> None:
+    model = small_model(arch=arch)
+    batch = Batch.from_data_list(graphs)
+    target = (batch.y - batch.y.mean()) / batch.y.std()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    losses = []
+    for _ in range(40):
+        optimizer.zero_grad()
+        loss = F.mse_loss(model(batch)["target"], target)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.1 * losses[0], losses[::10]
+
+
+def test_cgcnn_uses_pyg_cgconv(graphs: list[Data]) -> None:
+    from torch_geometric.nn import CGConv
+
+    model = small_model(arch="cgcnn", gcn_layers=3)
+    assert sum(isinstance(m, CGConv) for m in model.modules()) == 3
+    out = model(Batch.from_data_list(graphs))["target"]
+    out.sum().backward()
+    assert out.shape == (len(graphs),) and torch.isfinite(out).all()
