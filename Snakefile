@@ -16,5 +16,8 @@ include: "workflow/rules/aggregate.smk"
 rule all:
     default_target: True
     input:
+        # the runs as well: Snakemake does not regenerate a deleted input of an
+        # up-to-date job, so deleting one run's metrics.json would otherwise go unnoticed
+        METRICS,
         TABLES,
         FIGURES,
