@@ -48,6 +48,11 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-id", help="run id recorded in metrics.json (default: --out)")
     parser.add_argument("--lr", type=float, help="learning rate (default: config)")
     parser.add_argument("--epochs", type=int, help="maximum epochs (default: train.epochs)")
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        help="auto picks CUDA when present (default: train.device); recorded in metrics.json",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,7 +107,10 @@ def _load_config(args: argparse.Namespace) -> dict:
     from tlmat.config import load_config
 
     files = args.config or ([DEFAULT_CONFIG] if Path(DEFAULT_CONFIG).is_file() else [])
-    return load_config(files, args.overrides)
+    overrides = list(args.overrides)
+    if getattr(args, "device", None):
+        overrides.append(f"train.device={args.device}")
+    return load_config(files, overrides)
 
 
 def _dispatch(args: argparse.Namespace) -> None:

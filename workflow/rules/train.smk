@@ -12,6 +12,8 @@ rule scratch:
     conda:
         ENV
     threads: STUDY["threads"]
+    resources:
+        gpu=GPU,
     params:
         config=CONFIG,
         out=lambda wc, output: os.path.dirname(output.metrics),
@@ -35,6 +37,8 @@ rule pretrain:
     conda:
         ENV
     threads: STUDY["threads"]
+    resources:
+        gpu=GPU,
     params:
         config=CONFIG,
         out=lambda wc, output: os.path.dirname(output.metrics),
@@ -63,6 +67,8 @@ rule finetune:
     conda:
         ENV
     threads: STUDY["threads"]
+    resources:
+        gpu=GPU,
     params:
         config=CONFIG,
         out=lambda wc, output: os.path.dirname(output.metrics),
