@@ -185,6 +185,20 @@ def _compare_native_and_pytorch(batch: Batch) -> None:
             torch.testing.assert_close(b_fast, b_slow, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.skipif(not native_available(), reason="native kernels unavailable")
+def test_native_path_checks_its_indices() -> None:
+    conv = EdgeGatedGraphConv(8)
+    x, y = torch.randn(4, 8), torch.randn(6, 8)
+    pairs = torch.tensor([[0, 1], [1, 2], [2, 3], [3, 0], [0, 2], [1, 3]])
+    strided = pairs.t()  # rows of a transposed tensor are not contiguous
+    gather = torch.stack((strided[0], strided[1] + 4), 1)
+    x1, y1 = conv(x, y, strided, gather)
+    x2, y2 = reference_conv(conv, x, y, strided.contiguous())
+    torch.testing.assert_close(x1, x2, atol=1e-5, rtol=1e-5)
+    with pytest.raises(IndexError):
+        conv(x, y, strided + 1, gather)
+
+
 # ------------------------------------------------------------------------------ symmetries
 
 
