@@ -183,6 +183,9 @@ def _compare_native_and_pytorch(batch: Batch) -> None:
             assert (g_fast - g_slow).abs().max().item() <= 1e-4 * scale + 1e-6, name
         for b_fast, b_slow in zip(fast.buffers(), slow.buffers(), strict=True):
             torch.testing.assert_close(b_fast, b_slow, atol=1e-5, rtol=1e-4)
+    with torch.inference_mode():  # the fused inference kernel, which does not keep m
+        fast.eval(), slow.eval()
+        torch.testing.assert_close(fast(batch), slow(batch), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.skipif(not native_available(), reason="native kernels unavailable")

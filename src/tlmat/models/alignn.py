@@ -1,4 +1,4 @@
-"""ALIGNN (Choudhary & DeCost 2021) in plain PyTorch, tuned for CPU throughput.
+"""ALIGNN (Choudhary & DeCost 2021) in PyTorch, tuned for CPU throughput.
 
 The layer maths is that of ``alignn.models.alignn`` (the DGL reference the paper used):
 
@@ -14,17 +14,26 @@ The layer maths is that of ``alignn.models.alignn`` (the DGL reference the paper
   on the line graph (nodes = bonds, edges = bond pairs, edge features = angle features);
 * a GCN layer is the convolution on the atom graph only.
 
-What differs is only how it is computed, because nearly all the time goes into the line
-graph, which has ~14 bond pairs per bond:
+What differs is only how it is computed. Nearly all the time goes into the line graph, which
+has ~14 bond pairs per bond, and there the model is memory-bound rather than GEMM-bound:
 
-* the four node-side maps (``src_gate``, ``dst_update``, ``dst_gate``, ``src_update``) are one
+* the four node-side maps (``src_gate``, ``dst_gate``, ``dst_update``, ``src_update``) are one
   ``Linear(hidden, 4 * hidden)`` GEMM over the (few) nodes, so the only GEMM over the (many)
-  edges is ``edge_gate``; its bias is folded into the gathered node terms, which saves a pass
-  over the edge rows;
-* the two gathers and their sum are one ``embedding_bag`` call (a fused gather-add);
+  edges is ``edge_gate``;
+* on CPU float32 everything per edge after that GEMM (gathers, gate, sigmoid, the two
+  scatter-sums, BatchNorm statistics, SiLU, residual) and its backward is a few fused C loops
+  (``_EdgeGateFunction``), which walk the [edges, hidden] arrays ~10 times per layer instead of
+  ~40 times for the equivalent PyTorch ops. The C is compiled on first use (about a second,
+  needs a C compiler; ``tlmat.models.common.load_native``); without one, with
+  ``TLMAT_NATIVE=0``, on GPU or in float64 the PyTorch ops (``EdgeGatedGraphConv._edge_side``)
+  run instead, and the tests check that both paths agree, gradients included;
 * the outputs nobody reads (the bond-pair features of the last ALIGNN layer, the bond features
   of the last GCN layer) are not computed. Their BatchNorm then never sees data; in the
   reference those outputs are computed and thrown away, so predictions are the same.
+
+``torch.compile`` was tried on the convolution and not kept: inductor turns the scatter-sums
+into atomic adds, the step got only ~20 % faster than eager, and it cost ~45 s of compilation
+per process; the C kernels make a step ~2x faster and build in a second.
 """
 
 from __future__ import annotations
@@ -89,6 +98,7 @@ class EdgeGatedGraphConv(nn.Module):
             num, den, y_out = _EdgeGateFunction.apply(
                 y.contiguous(), self.edge_gate.weight, self.edge_gate.bias, p[:, : 3 * h],
                 src, dst, self.bn_edges.weight, self.bn_edges.bias, self.bn_edges, edge_output,
+                torch.is_grad_enabled(),
             )  # fmt: skip
         else:
             num, den, y_out = self._edge_side(p, y, src, dst, gather_index, edge_output)
@@ -263,15 +273,18 @@ static inline float sigm(float x) {
     return 1.f / (1.f + expf(-x));
 }
 
-/* Edges [t0, t1). m [T,H]: in y @ We^T, out the gate pre-activation. p: node table with row
-   stride ps, columns [0,H) src_gate, [H,2H) dst_gate, [2H,3H) dst_update. num/den [N,H] and
-   stats [2,H] (double; sum and sum of squares of m, or NULL) are this chunk's private sums.
+/* Edges [t0, t1). m [T,H]: in y @ We^T, out the gate pre-activation (left as it was when
+   keep_m is 0 and out is given: inference needs no m). p: node table with row stride ps,
+   columns [0,H) src_gate, [H,2H) dst_gate, [2H,3H) dst_update. num/den [N,H] and stats [2,H]
+   (double; sum and sum of squares of m, or NULL) are this chunk's private sums.
    out [T,H] (or NULL) = y + silu(m * scale + shift): BatchNorm with known statistics. */
-void egc_forward(int64_t t0, int64_t t1, int64_t H, float* R m, cf* R p, int64_t ps,
+void egc_forward(int64_t t0, int64_t t1, int64_t H, float* m, cf* R p, int64_t ps,
                  cf* R be, ci* R src, ci* R dst, float* R num, float* R den, double* R stats,
-                 cf* R y, cf* R scale, cf* R shift, float* R out) {
+                 cf* R y, cf* R scale, cf* R shift, float* out, int64_t keep_m) {
     for (int64_t t = t0; t < t1; t++) {
-        float* R mt = m + t * H;
+        const float* mt = m + t * H;
+        /* where the pre-activation goes: m itself, or the output row as scratch */
+        float* w = (keep_m || !out) ? m + t * H : out + t * H;
         cf* R a = p + src[t] * ps;
         cf* R b = p + dst[t] * ps + H;
         cf* R bh = p + src[t] * ps + 2 * H;
@@ -280,18 +293,18 @@ void egc_forward(int64_t t0, int64_t t1, int64_t H, float* R m, cf* R p, int64_t
         for (int64_t c = 0; c < H; c++) {
             float v = mt[c] + a[c] + b[c] + be[c];
             float s = sigm(v);
-            mt[c] = v;
+            w[c] = v;
             nu[c] += s * bh[c];
             de[c] += s;
         }
         if (stats) {
             double* R s1 = stats; double* R s2 = stats + H;
-            for (int64_t c = 0; c < H; c++) { double v = mt[c]; s1[c] += v; s2[c] += v * v; }
+            for (int64_t c = 0; c < H; c++) { double v = w[c]; s1[c] += v; s2[c] += v * v; }
         }
         if (out) {
-            cf* R yt = y + t * H; float* R o = out + t * H;
+            cf* R yt = y + t * H; float* o = out + t * H;
             for (int64_t c = 0; c < H; c++) {
-                float u = mt[c] * scale[c] + shift[c];
+                float u = w[c] * scale[c] + shift[c];
                 o[c] = yt[c] + u * sigm(u);
             }
         }
@@ -363,7 +376,7 @@ void egc_backward(int64_t t0, int64_t t1, int64_t H, cf* R m, cf* R p, int64_t p
 
 # argument kinds per function: i = int64, p = pointer (tensor data_ptr, 0 for NULL)
 _SIGNATURES = (
-    ("egc_forward", "iiippipppppppppp"),
+    ("egc_forward", "iiippippppppppppi"),
     ("egc_edge_out", "iiippppp"),
     ("egc_bn_grad", "iiipppppppp"),
     ("egc_backward", "iiippipppppipppp"),
@@ -406,7 +419,7 @@ class _EdgeGateFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, y, weight, bias, table, src, dst, gamma, beta, bn, edge_output):  # type: ignore[override]
+    def forward(ctx, y, weight, bias, table, src, dst, gamma, beta, bn, edge_output, keep_m):  # type: ignore[override]
         lib = _native_lib()
         T, H = y.shape
         N = table.shape[0]
@@ -425,6 +438,8 @@ class _EdgeGateFunction(torch.autograd.Function):
             scale = (gamma * invstd).contiguous()
             shift = (beta - mean * scale).contiguous()
         fused = out if scale is not None else None
+        # m is needed by a second pass (batch statistics) or by backward, else not stored
+        keep_m = keep_m or batch_stats
         ps = table.stride(0)
         run_chunks(
             lib.egc_forward,
@@ -433,7 +448,7 @@ class _EdgeGateFunction(torch.autograd.Function):
                 a, b, H, m.data_ptr(), table.data_ptr(), ps, bias.data_ptr(), src.data_ptr(),
                 dst.data_ptr(), num_p[i].data_ptr(), den_p[i].data_ptr(),
                 0 if stats_p is None else stats_p[i].data_ptr(),
-                y.data_ptr(), _ptr(scale), _ptr(shift), _ptr(fused),
+                y.data_ptr(), _ptr(scale), _ptr(shift), _ptr(fused), int(keep_m),
             ),
         )  # fmt: skip
         if batch_stats:
@@ -512,7 +527,7 @@ class _EdgeGateFunction(torch.autograd.Function):
         if need[1]:
             g_w = torch.mm(gm.t(), y)
         g_b = gp[:, :H].sum(0) if need[2] else None
-        return g_y, g_w, g_b, gp, None, None, g_gamma, g_beta, None, None
+        return g_y, g_w, g_b, gp, None, None, g_gamma, g_beta, None, None, None
 
 
 def _update_running_stats(bn: nn.BatchNorm1d, mean: torch.Tensor, var: torch.Tensor, n: int):
