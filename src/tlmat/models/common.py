@@ -198,7 +198,7 @@ def load_native(source: str, name: str, signatures: tuple[tuple[str, str], ...])
 _POOL: list[concurrent.futures.ThreadPoolExecutor] = []
 
 
-MIN_CHUNK_ROWS = 2048  # below this a thread hand-off costs more than it saves
+MIN_CHUNK_ROWS = 1024  # below this a thread hand-off costs more than it saves
 
 
 def parallel_chunks(rows: int) -> list[tuple[int, int]]:
