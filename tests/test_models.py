@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import multiprocessing
+import os
 
 import pytest
 import torch
@@ -186,6 +188,32 @@ def _compare_native_and_pytorch(batch: Batch) -> None:
     with torch.inference_mode():  # the fused inference kernel, which does not keep m
         fast.eval(), slow.eval()
         torch.testing.assert_close(fast(batch), slow(batch), atol=1e-5, rtol=1e-5)
+
+
+def _record(i: int, start: int, stop: int, out: list) -> None:
+    out.append((i, start, stop))
+
+
+_record.argtypes = [None] * 4  # run_chunks checks the arity of (ctypes) functions
+
+
+def _chunks_in_child() -> None:
+    out: list = []
+    common.run_chunks(_record, [(0, 5), (5, 9)], lambda i, a, b: (i, a, b, out))
+    os._exit(0 if sorted(out) == [(0, 0, 5), (1, 5, 9)] else 1)
+
+
+def test_chunk_pool_survives_fork() -> None:
+    """A forked child inherits the parent's thread pool object but not its threads."""
+    out: list = []
+    common.run_chunks(_record, [(0, 2), (2, 4), (4, 6)], lambda i, a, b: (i, a, b, out))
+    assert sorted(out) == [(0, 0, 2), (1, 2, 4), (2, 4, 6)]
+    child = multiprocessing.get_context("fork").Process(target=_chunks_in_child)
+    child.start()
+    child.join(timeout=30)
+    if child.is_alive():
+        child.kill()
+    assert child.exitcode == 0
 
 
 @pytest.mark.skipif(not native_available(), reason="native kernels unavailable")

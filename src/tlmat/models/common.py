@@ -195,7 +195,9 @@ def load_native(source: str, name: str, signatures: tuple[tuple[str, str], ...])
         return None
 
 
-_POOL: list[concurrent.futures.ThreadPoolExecutor] = []
+# (owning pid, workers, pool): a forked child inherits the object but not its threads, so
+# it must not reuse the parent's pool (its futures would never run)
+_POOL: list[tuple[int, int, concurrent.futures.ThreadPoolExecutor]] = []
 
 
 MIN_CHUNK_ROWS = 1024  # below this a thread hand-off costs more than it saves
@@ -216,9 +218,14 @@ def run_chunks(fn, chunks: list[tuple[int, int]], args) -> None:
     if len(chunks) == 1:
         fn(*first)
         return
-    if not _POOL or _POOL[0]._max_workers < len(chunks) - 1:
-        _POOL[:] = [concurrent.futures.ThreadPoolExecutor(max_workers=len(chunks) - 1)]
-    futures = [_POOL[0].submit(fn, *args(i, *c)) for i, c in enumerate(chunks) if i > 0]
+    workers = len(chunks) - 1
+    if not _POOL or _POOL[0][0] != os.getpid() or _POOL[0][1] < workers:
+        if _POOL and _POOL[0][0] == os.getpid():
+            _POOL[0][2].shutdown(wait=False)
+        pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="tlmat")
+        _POOL[:] = [(os.getpid(), workers, pool)]
+    pool = _POOL[0][2]
+    futures = [pool.submit(fn, *args(i, *c)) for i, c in enumerate(chunks) if i > 0]
     fn(*first)
     for future in futures:
         future.result()
