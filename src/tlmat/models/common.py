@@ -99,7 +99,7 @@ def graph_assignment(batch) -> tuple[torch.Tensor, int]:
 #
 # Why: on CPU the ALIGNN line graph makes the model memory-bound; eager PyTorch walks the
 # [bond pairs, hidden] tensors ~40 times per layer, a fused loop ~10 times. C without torch
-# headers builds in about a second (a torch C++ extension takes ~40 s) and needs only a C
+# headers builds in about a second (a torch C++ extension takes tens of seconds) and needs a C
 # compiler; ctypes releases the GIL, so chunks run in parallel on Python threads. Without a
 # compiler, or with TLMAT_NATIVE=0, callers fall back to their pure-PyTorch path.
 # --------------------------------------------------------------------------------------------
