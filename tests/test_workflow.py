@@ -76,9 +76,6 @@ def test_second_run_has_nothing_to_do_and_one_deleted_run_reruns_alone(study):
     victim = study / "results/runs/ft/pt-aa-30/ft-bb-20/full-lr0.001/t1/metrics.json"
     victim.unlink()
     plan = snakemake(study, "-n", "--quiet", "rules")
-    counts = dict(
-        line.split()[:2]
-        for line in (plan.stdout + plan.stderr).splitlines()
-        if line.split() and line.split()[0] in {"finetune", "aggregate", "figures", "all", "total"}
-    )
+    rows = [line.split() for line in (plan.stdout + plan.stderr).splitlines()]
+    counts = {row[0]: row[1] for row in rows if len(row) == 2 and row[1].isdigit()}
     assert counts == {"finetune": "1", "aggregate": "1", "figures": "1", "all": "1", "total": "4"}
