@@ -11,6 +11,8 @@ DATA_DIR ?=
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 SNAKE_ARGS ?=
+# rules call `tlmat`: the venv's bin must be on PATH for Snakemake's shell commands
+export PATH := $(abspath $(BIN)):$(PATH)
 
 DEMO_CONFIG := $(if $(DATA_DIR),--config data_dir=$(abspath $(DATA_DIR)) splits_file=$(abspath $(DATA_DIR))/splits.json,)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -158,6 +159,9 @@ USER_ERRORS = (ValueError, FileNotFoundError, KeyError, PermissionError, OSError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # before torch loads: spinning OpenMP threads slow 2-thread jobs up to 10x when a
+    # neighbouring job holds a core (see benchmarks/README.md)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
