@@ -144,7 +144,7 @@ def finetune_runs():
     if FAMILIES["strategies"]:
         for src, ds in STUDY["strategies"]["pairs"]:
             for strategy in STUDY["strategies"]["names"]:
-                for size in STUDY["ft_sizes"]:
+                for size in STUDY["strategies"]["ft_sizes"] or STUDY["ft_sizes"]:
                     for t in TRIALS:
                         runs.add((src, STUDY["pt_size"], ds, size, strategy, FT_LR, t))
     if FAMILIES["learning_rate"]:
