@@ -55,7 +55,7 @@ def study(tmp_path_factory):
 def test_tables_cover_the_whole_grid(study):
     tables = study / "results" / "tables"
     runs = pd.read_csv(tables / "runs.csv")
-    assert set(runs["kind"]) == {"scratch", "finetune"}
+    assert set(runs["kind"]) == {"scratch", "pretrain", "finetune"}
     grid = pd.read_csv(tables / "pairwise_grid.csv")
     assert len(grid) == 6  # 3 x 2 pairs at one FT size
     assert (grid["n"] == 2).all() and grid["r2_mean"].notna().all()

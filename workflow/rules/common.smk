@@ -190,6 +190,8 @@ METRICS = [f"{scratch_dir(*run)}/metrics.json" for run in SCRATCH] + [
 PRETRAINS = sorted(
     {(src, pt_size, pt_trial(t)) for src, pt_size, _, _, _, _, t in FINETUNES}, key=str
 )
+# runs.csv lists every run, pre-training included
+METRICS += [f"{pt_dir(*run)}/metrics.json" for run in PRETRAINS]
 
 
 def graphs(ds):
