@@ -19,6 +19,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import gc  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
@@ -179,6 +180,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     frame = load_frame(args.data)
     featurize_s, cache = time_featurize(frame, args.featurize_repeats)
+    # a training job never holds pymatgen structures (it reads the graph cache), so
+    # neither does the rest of the benchmark
+    del frame
+    gc.collect()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "cache.pt"
         cache.save(path)
@@ -192,6 +197,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     train = time_training(model, batches, args.train_steps, args.warmup).rates(bs, args.threads)
     infer = time_inference(model, batches, args.warmup).rates(bs, args.threads)
+    # peak of the default (fused-kernel) path, as a training job sees it; the plain-PyTorch
+    # comparison below keeps more activations alive and is reported separately
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     reference = {}
     if args.reference_steps > 0:
         set_native(model, False)
@@ -201,13 +209,14 @@ def main(argv: list[str] | None = None) -> dict:
         reference = {
             "pytorch_path_train_structures_per_s": ref_train.rates(bs, args.threads)["median"],
             "pytorch_path_infer_structures_per_s": ref_infer.rates(bs, args.threads)["median"],
+            "pytorch_path_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
     results = {
         "featurize_structures_per_s": len(cache) / featurize_s,
         "train_structures_per_s": train["median"],
         "infer_structures_per_s": infer["median"],
         "cache_bytes_per_structure": cache_bytes / len(cache),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb,
         "train_structures_per_s_mean": train["mean"],
         "infer_structures_per_s_mean": infer["mean"],
         "train_structures_per_s_cpu_time": train["cpu"],
