@@ -131,8 +131,7 @@ def _dispatch(args: argparse.Namespace) -> None:
             out_dir=args.out,
             kind=args.kind if args.verb == "train" else "finetune",
             checkpoint=getattr(args, "checkpoint", None),
-            strategy=getattr(args, "strategy", None)
-            or (config["finetune"]["strategy"] if args.verb == "finetune" else None),
+            strategy=getattr(args, "strategy", None),
             lr=args.lr,
             epochs=args.epochs,
         )

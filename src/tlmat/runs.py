@@ -184,14 +184,15 @@ def _build_or_load_model(config: Mapping, spec: RunSpec, featurizer: FeaturizerS
     payload = load_checkpoint(spec.checkpoint)
     check_featurizer(payload, featurizer, spec.checkpoint)
     model = model_from_checkpoint(payload, spec.checkpoint)
-    strategy = spec.strategy or config.get("finetune", {}).get("strategy", "full")
-    apply_strategy(model, strategy, spec.dataset)
+    apply_strategy(model, spec.strategy, spec.dataset)
     return model, list(payload.get("lineage", []))
 
 
 def execute_run(config: Mapping, spec: RunSpec, progress: bool | None = None) -> dict:
     """Train one run and write model.pt, predictions.csv, history.csv, metrics.json."""
     stopwatch = Stopwatch()
+    if spec.checkpoint is not None and spec.strategy is None:  # one place for the default
+        spec = dataclasses.replace(spec, strategy=config["finetune"]["strategy"])
     settings = _train_settings(config, spec)
     if settings.num_threads:
         torch.set_num_threads(settings.num_threads)
@@ -241,14 +242,13 @@ def execute_run(config: Mapping, spec: RunSpec, progress: bool | None = None) ->
         "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run,
         "best_val_loss": result.best_val_loss,
-        "wall_time_s": None,
+        "wall_time_s": round(stopwatch.seconds(), 3),
         "device": str(resolve_model_device(model)),
         "splits_source": splits["source"],
         "versions": versions(),
         "config_hash": config_hash(config),
     }
     predictions = pd.DataFrame({"id": test_ids, "target": target, "prediction": prediction})
-    metrics["wall_time_s"] = round(stopwatch.seconds(), 3)
     _write_run(
         spec, model, featurizer, scaler, metrics, predictions, result.history, [*lineage, stage]
     )
