@@ -54,6 +54,12 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "cpu", "cuda"],
         help="auto picks CUDA when present (default: train.device); recorded in metrics.json",
     )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from <out>/.resume.pt when an earlier attempt of this run was cut off "
+        "(saved every train.resume_every epochs; same final metrics as an uninterrupted run)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,6 +140,7 @@ def _dispatch(args: argparse.Namespace) -> None:
             strategy=getattr(args, "strategy", None),
             lr=args.lr,
             epochs=args.epochs,
+            resume=args.resume,
         )
         metrics = runs.execute_run(config, spec, progress=args.progress)
         logging.getLogger("tlmat").info(

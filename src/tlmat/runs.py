@@ -43,7 +43,15 @@ from tlmat.data import (
 from tlmat.graphs import FeaturizerSettings, GraphCache, featurize
 from tlmat.metrics import regression_metrics
 from tlmat.models import ModelConfig, build_model
-from tlmat.train import Stopwatch, TargetScaler, TrainSettings, fit, predict, targets_of
+from tlmat.train import (
+    Resume,
+    Stopwatch,
+    TargetScaler,
+    TrainSettings,
+    fit,
+    predict,
+    targets_of,
+)
 from tlmat.transfer import apply_strategy
 
 log = logging.getLogger(__name__)
@@ -136,6 +144,7 @@ class RunSpec:
     strategy: str | None = None
     lr: float | None = None
     epochs: int | None = None
+    resume: bool = False
 
     def __post_init__(self) -> None:
         if self.trial < 1:
@@ -207,7 +216,8 @@ def execute_run(config: Mapping, spec: RunSpec, progress: bool | None = None) ->
     torch.manual_seed(seed)
     model, lineage = _build_or_load_model(config, spec, featurizer)
     scaler = TargetScaler.fit(targets_of(train_g))
-    result = fit(model, spec.dataset, train_g, val_g, scaler, settings, seed, progress)
+    resume = resume_state(config, spec, seed, settings)
+    result = fit(model, spec.dataset, train_g, val_g, scaler, settings, seed, progress, resume)
 
     prediction = predict(model, spec.dataset, test_g, scaler, device=resolve_model_device(model))
     target = targets_of(test_g)
@@ -252,7 +262,19 @@ def execute_run(config: Mapping, spec: RunSpec, progress: bool | None = None) ->
     _write_run(
         spec, model, featurizer, scaler, metrics, predictions, result.history, [*lineage, stage]
     )
+    resume.path.unlink(missing_ok=True)
     return metrics
+
+
+def resume_state(config: Mapping, spec: RunSpec, seed: int, settings: TrainSettings) -> Resume:
+    """Per-epoch state of a run in ``<out>/.resume.pt``, tagged so only the same run resumes it."""
+    Path(spec.out_dir).mkdir(parents=True, exist_ok=True)
+    return Resume(
+        path=Path(spec.out_dir) / ".resume.pt",
+        tag=f"{spec.run_id}|{seed}|{config_hash(config)}",
+        resume=spec.resume,
+        every=settings.resume_every,
+    )
 
 
 def resolve_model_device(model: torch.nn.Module) -> torch.device:

@@ -10,8 +10,10 @@ import copy
 import dataclasses
 import logging
 import math
+import os
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -36,6 +38,7 @@ class TrainSettings:
     patience: int = 50
     num_threads: int | None = None
     device: str = "auto"
+    resume_every: int = 5
 
     @classmethod
     def from_config(cls, section: Mapping) -> TrainSettings:
@@ -109,38 +112,159 @@ def predict(
     return torch.cat(outputs).double().numpy() if outputs else np.zeros(0)
 
 
+def masked_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE over the labels that are present (``target`` is NaN where a label is missing).
+
+    Averaged over present labels only, so a multi-property batch where most structures carry
+    one of several properties is not diluted by the masked entries. With every label present
+    this is exactly ``mse_loss``.
+    """
+    present = ~torch.isnan(target)
+    if not bool(present.any()):
+        return prediction.sum() * 0.0
+    return torch.nn.functional.mse_loss(prediction[present], target[present])
+
+
+class _Targets:
+    """Per-head standardization of a batch's label matrix (one column per head)."""
+
+    def __init__(self, heads: Sequence[str], scalers: Mapping[str, TargetScaler]) -> None:
+        missing = [h for h in heads if h not in scalers]
+        if missing:
+            raise ValueError(f"no target statistics for head(s) {missing}")
+        self.heads = list(heads)
+        self.mean = torch.tensor([scalers[h].mean for h in heads], dtype=torch.float32)
+        self.std = torch.tensor([scalers[h].std for h in heads], dtype=torch.float32)
+
+    def raw(self, batch) -> torch.Tensor:
+        """Labels as ``[graphs, heads]``; single-property graphs carry ``y`` of shape [1]."""
+        y = batch.y
+        return y.view(-1, 1) if y.dim() == 1 else y.view(-1, len(self.heads))
+
+    def standardized(self, batch) -> torch.Tensor:
+        return (self.raw(batch) - self.mean.to(batch.y.device)) / self.std.to(batch.y.device)
+
+    def predict(self, model: torch.nn.Module, batch) -> torch.Tensor:
+        """Standardized predictions as ``[graphs, heads]``."""
+        out = model(batch, heads=self.heads)
+        return torch.stack([out[h] for h in self.heads], dim=1)
+
+    def to_units(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.std.to(z.device) + self.mean.to(z.device)
+
+
 def _evaluate_loss(
-    model: torch.nn.Module,
-    head: str,
-    loader: DataLoader,
-    scaler: TargetScaler,
-    device: torch.device,
+    model: torch.nn.Module, targets: _Targets, loader: DataLoader, device: torch.device
 ) -> tuple[float, float]:
-    """Validation MSE (standardized) and MAE (data units)."""
+    """Validation MSE (standardized) and MAE (data units), over present labels."""
     model.eval()
     sq_err, abs_err, count = 0.0, 0.0, 0
     with torch.inference_mode():
         for batch in loader:
             batch = batch.to(device)
-            pred = model(batch, heads=[head])[head]
-            target = scaler.forward(batch.y.view(-1))
-            sq_err += float(((pred - target) ** 2).sum())
-            abs_err += float((scaler.inverse(pred) - batch.y.view(-1)).abs().sum())
-            count += batch.num_graphs
-    return sq_err / count, abs_err / count
+            pred = targets.predict(model, batch)
+            target = targets.standardized(batch)
+            present = ~torch.isnan(target)
+            sq_err += float(((pred - target)[present] ** 2).sum())
+            units = targets.to_units(pred) - targets.raw(batch)
+            abs_err += float(units[present].abs().sum())
+            count += int(present.sum())
+    return sq_err / max(count, 1), abs_err / max(count, 1)
+
+
+@dataclasses.dataclass
+class _Progress:
+    """Everything that changes between epochs: what ``--resume`` saves and restores."""
+
+    epoch: int = 0
+    best_loss: float = math.inf
+    best_epoch: int = 0
+    best_state: dict | None = None
+    rows: list = dataclasses.field(default_factory=list)
+
+
+RESUME_FORMAT = 1
+
+
+def _save_resume(path, tag, progress, model, optimizer, scheduler, generator) -> None:
+    """Atomically write the state after an epoch (model, optimizer, schedule, RNGs, history)."""
+    state = {
+        "format": RESUME_FORMAT,
+        "tag": tag,
+        "epoch": progress.epoch,
+        "best_loss": progress.best_loss,
+        "best_epoch": progress.best_epoch,
+        "best_state": progress.best_state,
+        "rows": progress.rows,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_resume(path, tag, model, optimizer, scheduler, generator) -> _Progress:
+    """The saved state of an interrupted run, or a fresh start when there is none that fits."""
+    if path is None or not path.is_file():
+        return _Progress()
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a file cut short by a kill during the save: start over
+        log.warning("%s: unreadable resume state (%s); starting from epoch 1", path, err)
+        return _Progress()
+    if state.get("format") != RESUME_FORMAT or state.get("tag") != tag:
+        log.warning("%s: resume state of another run or config; starting from epoch 1", path)
+        return _Progress()
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    log.info("resuming after epoch %d from %s", state["epoch"], path)
+    return _Progress(
+        state["epoch"], state["best_loss"], state["best_epoch"], state["best_state"], state["rows"]
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Resume:
+    """Where a run keeps its per-epoch state, and whether to pick it up.
+
+    ``tag`` identifies the run (id, seed, config hash), so state of another run is never
+    resumed; ``every`` is how many epochs pass between saves.
+    """
+
+    path: Path
+    tag: str
+    resume: bool = False
+    every: int = 1
 
 
 def fit(
     model: torch.nn.Module,
-    head: str,
+    head: str | Sequence[str],
     train_graphs: Sequence[Data],
     val_graphs: Sequence[Data],
-    scaler: TargetScaler,
+    scaler: TargetScaler | Mapping[str, TargetScaler],
     settings: TrainSettings,
     seed: int,
     progress: bool | None = None,
+    resume: Resume | None = None,
 ) -> FitResult:
-    """Train ``model.heads[head]`` on MSE; on return the model holds its best-val weights."""
+    """Train the named head(s) on masked MSE; on return the model holds its best-val weights.
+
+    One head and one scaler for single-property runs; several heads with a scaler each for
+    multi-property pre-training, where graphs carry ``y`` of shape ``[1, heads]`` with NaN for
+    missing labels. ``resume`` saves the state after every ``resume.every`` epochs and, when
+    ``resume.resume`` is set, continues from it: the result equals an uninterrupted run.
+    """
+    heads = [head] if isinstance(head, str) else list(head)
+    scalers = {heads[0]: scaler} if isinstance(scaler, TargetScaler) else dict(scaler)
+    targets = _Targets(heads, scalers)
     device = resolve_device(settings.device)
     model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -152,25 +276,36 @@ def fit(
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=settings.lr, total_steps=settings.epochs * len(train_loader)
     )
-    best_state, best_loss, best_epoch = None, math.inf, 0
-    rows = []
+    generator = train_loader.generator
+    state = (
+        _load_resume(resume.path, resume.tag, model, optimizer, scheduler, generator)
+        if resume is not None and resume.resume
+        else _Progress()
+    )
     quiet_bar = not_interactive(progress)
-    bar = tqdm(range(1, settings.epochs + 1), desc="train", unit="epoch", disable=quiet_bar)
-    for epoch in bar:
+    bar = tqdm(
+        range(state.epoch + 1, settings.epochs + 1),
+        desc="train",
+        unit="epoch",
+        disable=quiet_bar,
+        initial=state.epoch,
+        total=settings.epochs,
+    )
+    stopped = _stopped_early(state, settings)
+    for epoch in bar if not stopped else ():
         model.train()
         running, seen = 0.0, 0
         for batch in train_loader:
             batch = batch.to(device)
             optimizer.zero_grad(set_to_none=True)
-            pred = model(batch, heads=[head])[head]
-            loss = torch.nn.functional.mse_loss(pred, scaler.forward(batch.y.view(-1)))
+            loss = masked_mse(targets.predict(model, batch), targets.standardized(batch))
             loss.backward()
             optimizer.step()
             scheduler.step()
             running += float(loss.detach()) * batch.num_graphs
             seen += batch.num_graphs
-        val_loss, val_mae = _evaluate_loss(model, head, val_loader, scaler, device)
-        rows.append(
+        val_loss, val_mae = _evaluate_loss(model, targets, val_loader, device)
+        state.rows.append(
             {
                 "epoch": epoch,
                 "train_loss": running / seen,
@@ -179,24 +314,31 @@ def fit(
                 "lr": optimizer.param_groups[0]["lr"],
             }
         )
-        bar.set_postfix(val_mae=f"{val_mae:.4g}", best=best_epoch)
+        state.epoch = epoch
+        bar.set_postfix(val_mae=f"{val_mae:.4g}", best=state.best_epoch)
         if quiet_bar and (epoch == 1 or epoch % 10 == 0):  # a heartbeat for log files
             log.info(
                 "epoch %d/%d: train loss %.4g, val loss %.4g, val MAE %.4g",
                 epoch,
                 settings.epochs,
-                rows[-1]["train_loss"],
+                state.rows[-1]["train_loss"],
                 val_loss,
                 val_mae,
             )
-        if val_loss < best_loss:
-            best_loss, best_epoch = val_loss, epoch
-            best_state = copy.deepcopy(model.state_dict())
-        elif epoch - best_epoch >= settings.patience:
-            log.info("early stop at epoch %d (best %d)", epoch, best_epoch)
+        if val_loss < state.best_loss:
+            state.best_loss, state.best_epoch = val_loss, epoch
+            state.best_state = copy.deepcopy(model.state_dict())
+        if resume is not None and epoch % resume.every == 0:
+            _save_resume(resume.path, resume.tag, state, model, optimizer, scheduler, generator)
+        if _stopped_early(state, settings):
+            log.info("early stop at epoch %d (best %d)", epoch, state.best_epoch)
             break
-    model.load_state_dict(best_state)
-    return FitResult(best_epoch, len(rows), best_loss, pd.DataFrame(rows))
+    model.load_state_dict(state.best_state)
+    return FitResult(state.best_epoch, len(state.rows), state.best_loss, pd.DataFrame(state.rows))
+
+
+def _stopped_early(state: _Progress, settings: TrainSettings) -> bool:
+    return state.epoch > state.best_epoch and state.epoch - state.best_epoch >= settings.patience
 
 
 class Stopwatch:
