@@ -20,7 +20,7 @@ rule scratch:
         train=TRAIN_PARAMS,
         run_id="scratch/{ds}-{size}/t{trial}",
     shell:
-        "tlmat train --config {params.config} --set train.num_threads={threads} --no-progress"
+        "tlmat train --config {params.config} --set train.num_threads={threads} --no-progress --resume"
         " --kind scratch --dataset {wildcards.ds} --size {wildcards.size}"
         " --trial {wildcards.trial} --run-id {params.run_id}"
         " --out {params.out} > {log} 2>&1"
@@ -45,7 +45,7 @@ rule pretrain:
         train=TRAIN_PARAMS,
         run_id="pt/{src}-{pt_size}/t{trial}",
     shell:
-        "tlmat train --config {params.config} --set train.num_threads={threads} --no-progress"
+        "tlmat train --config {params.config} --set train.num_threads={threads} --no-progress --resume"
         " --kind pretrain --dataset {wildcards.src} --size {wildcards.pt_size}"
         " --trial {wildcards.trial} --run-id {params.run_id}"
         " --out {params.out} > {log} 2>&1"
@@ -75,7 +75,7 @@ rule finetune:
         train=TRAIN_PARAMS,
         run_id="ft/pt-{src}-{pt_size}/ft-{ds}-{size}/{strategy}-lr{lr}/t{trial}",
     shell:
-        "tlmat finetune --config {params.config} --set train.num_threads={threads} --no-progress"
+        "tlmat finetune --config {params.config} --set train.num_threads={threads} --no-progress --resume"
         " --checkpoint {input.checkpoint} --strategy {wildcards.strategy} --lr {wildcards.lr}"
         " --dataset {wildcards.ds} --size {wildcards.size} --trial {wildcards.trial}"
         " --run-id {params.run_id} --out {params.out} > {log} 2>&1"
