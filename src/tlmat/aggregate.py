@@ -68,7 +68,7 @@ REQUIRED_KEYS: tuple[str, ...] = (
     "versions",
     "config_hash",
 )
-KINDS: tuple[str, ...] = ("scratch", "pretrain", "finetune")
+KINDS: tuple[str, ...] = ("scratch", "pretrain", "finetune", "mpt", "mpt_finetune", "chain")
 INT_COLUMNS: tuple[str, ...] = (
     "size",
     "trial",

@@ -90,6 +90,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="full | last_layer | freeze_graph | new_head | new_head_freeze "
         "(default: finetune.strategy)",
     )
+    finetune.add_argument(
+        "--kind",
+        choices=["finetune", "mpt_finetune", "chain"],
+        default="finetune",
+        help="recorded in metrics.json: from a pair-wise PT model, an MPT model, or a chain stage",
+    )
+
+    mpt = verbs.add_parser(
+        "mpt", help="multi-property pre-training: one backbone, one head per source data set"
+    )
+    _common(mpt)
+    mpt.add_argument("--variant", required=True, help="all | without_<key> (study.mpt.variants)")
+    mpt.add_argument("--size", "-n", type=int, required=True, help="PT subset size per source")
+    mpt.add_argument("--trial", "-t", type=int, default=1, help="trial number (>= 1)")
+    mpt.add_argument("--out", "-o", type=Path, required=True, help="run output directory")
+    mpt.add_argument("--run-id", help="run id recorded in metrics.json (default: --out)")
+    mpt.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: train.device")
+    mpt.add_argument("--resume", action="store_true", help="continue from <out>/.resume.pt")
 
     aggregate = verbs.add_parser("aggregate", help="collect metrics.json files into tables")
     _common(aggregate)
@@ -135,7 +153,7 @@ def _dispatch(args: argparse.Namespace) -> None:
             size=args.size,
             trial=args.trial,
             out_dir=args.out,
-            kind=args.kind if args.verb == "train" else "finetune",
+            kind=args.kind,
             checkpoint=getattr(args, "checkpoint", None),
             strategy=getattr(args, "strategy", None),
             lr=args.lr,
@@ -150,6 +168,19 @@ def _dispatch(args: argparse.Namespace) -> None:
             metrics["test_mae"],
             metrics["best_epoch"],
             metrics["epochs_run"],
+        )
+    elif args.verb == "mpt":
+        from tlmat.mpt import MPTSpec, execute_mpt
+
+        spec = MPTSpec(
+            args.variant, args.size, args.trial, args.out, args.run_id or str(args.out), args.resume
+        )
+        metrics = execute_mpt(config, spec, progress=args.progress)
+        logging.getLogger("tlmat").info(
+            "%s: mean test R2 over %d heads %.4f",
+            spec.run_id,
+            len(metrics["sources"]),
+            metrics["test_r2"],
         )
     elif args.verb == "aggregate":
         from tlmat.study import aggregate_command

@@ -230,13 +230,7 @@ def execute_run(config: Mapping, spec: RunSpec, progress: bool | None = None) ->
     }
     source = lineage[-1] if lineage else {}
     metrics = {
-        "run_id": spec.run_id,
-        "kind": spec.kind,
-        "model": model.config.arch,
-        "dataset": spec.dataset,
-        "size": spec.size,
-        "trial": spec.trial,
-        "seed": seed,
+        **base_metrics(config, spec, seed, model),
         "pt_dataset": source.get("dataset"),
         "pt_size": source.get("size"),
         "pt_trial": source.get("trial"),
@@ -252,15 +246,19 @@ def execute_run(config: Mapping, spec: RunSpec, progress: bool | None = None) ->
         "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run,
         "best_val_loss": result.best_val_loss,
-        "wall_time_s": round(stopwatch.seconds(), 3),
-        "device": str(resolve_model_device(model)),
         "splits_source": splits["source"],
-        "versions": versions(),
-        "config_hash": config_hash(config),
+        "wall_time_s": round(stopwatch.seconds(), 3),
     }
     predictions = pd.DataFrame({"id": test_ids, "target": target, "prediction": prediction})
-    _write_run(
-        spec, model, featurizer, scaler, metrics, predictions, result.history, [*lineage, stage]
+    write_run(
+        spec,
+        model,
+        featurizer,
+        {spec.dataset: scaler},
+        metrics,
+        predictions,
+        result.history,
+        [*lineage, stage],
     )
     resume.path.unlink(missing_ok=True)
     return metrics
@@ -275,6 +273,26 @@ def resume_state(config: Mapping, spec: RunSpec, seed: int, settings: TrainSetti
         resume=spec.resume,
         every=settings.resume_every,
     )
+
+
+def base_metrics(config: Mapping, spec: RunSpec, seed: int, model: torch.nn.Module) -> dict:
+    """The metrics.json fields every kind of run shares (identity, seed, device, versions)."""
+    return {
+        "run_id": spec.run_id,
+        "kind": spec.kind,
+        "model": model.config.arch,
+        "dataset": spec.dataset,
+        "size": spec.size,
+        "trial": spec.trial,
+        "seed": seed,
+        "pt_dataset": None,
+        "pt_size": None,
+        "pt_trial": None,
+        "strategy": None,
+        "device": str(resolve_model_device(model)),
+        "versions": versions(),
+        "config_hash": config_hash(config),
+    }
 
 
 def resolve_model_device(model: torch.nn.Module) -> torch.device:
@@ -293,14 +311,14 @@ def versions() -> dict[str, str]:
     }
 
 
-def _write_run(spec, model, featurizer, scaler, metrics, predictions, history, lineage) -> None:
+def write_run(spec, model, featurizer, scalers, metrics, predictions, history, lineage) -> None:
     """Write every output under a temporary name, then rename, ``metrics.json`` last."""
     out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     temporary = {name: out / f".{name}.partial" for name in RUN_FILES}
     try:
         save_checkpoint(
-            temporary["model.pt"], model, featurizer, {spec.dataset: scaler}, spec.run_id, lineage
+            temporary["model.pt"], model, featurizer, dict(scalers), spec.run_id, lineage
         )
         predictions.to_csv(temporary["predictions.csv"], index=False)
         history.to_csv(temporary["history.csv"], index=False)

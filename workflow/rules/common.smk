@@ -1,6 +1,7 @@
 # Config validation and the study grid: every family expands here into run directories.
 import hashlib
 import os
+import sys
 from pathlib import Path
 
 import yaml
@@ -221,3 +222,76 @@ wildcard_constraints:
     trial="[0-9]+",
     strategy="[a-z_]+",
     lr="[0-9.e+-]+",
+
+
+# ----------------------------------------------------------------------------- MPT
+# Multi-property pre-training: one backbone + a head per source, fine-tuned on every target.
+from tlmat.mpt import mpt_variants, variant_sources
+
+# head-reusing strategies on a target the MPT model has no head for (leave-one-out)
+MPT_FRESH_HEAD = {"full": "new_head", "freeze_graph": "new_head_freeze"}
+MPT_PT_SIZE = STUDY["mpt"]["pt_size"] or STUDY["pt_size"]
+OVERLAP = f"{RESOURCES}/leakage/overlap.json"
+
+
+def mpt_dir(variant, pt_size, trial):
+    return f"{RUNS}/mpt/{variant}-{pt_size}/pt/t{trial}"
+
+
+def mpt_ft_dir(variant, pt_size, ds, size, strategy, lr, trial):
+    return f"{RUNS}/mpt/{variant}-{pt_size}/ft-{ds}-{size}/{strategy}-lr{lr_tag(lr)}/t{trial}"
+
+
+def mpt_strategy(variant, target, strategy):
+    """The strategy an MPT fine-tune runs: fresh-head twin when the model lacks the head."""
+    if target in variant_sources(config, variant) or strategy not in (
+        "full",
+        "freeze_graph",
+        "last_layer",
+    ):
+        return strategy
+    return MPT_FRESH_HEAD.get(strategy)
+
+
+def mpt_finetune_runs():
+    """(variant, pt_size, ds, size, strategy, lr, trial) of the MPT family."""
+    if not FAMILIES["mpt"]:
+        return []
+    family = STUDY["mpt"]
+    targets = family["targets"] or STUDY["datasets"]
+    _check_keys("study.mpt.targets", targets)
+    _check_keys("study.mpt.sources", family["sources"] or [])
+    runs = set()
+    for variant in mpt_variants(config):
+        for ds in targets:
+            for requested in family["strategies"]:
+                strategy = mpt_strategy(variant, ds, requested)
+                if strategy is None:
+                    print(
+                        f"tlmat: MPT {variant} has no {ds} head; strategy {requested} skipped",
+                        file=sys.stderr,
+                    )
+                    continue
+                for size in family["ft_sizes"] or STUDY["ft_sizes"]:
+                    for t in TRIALS:
+                        runs.add((variant, MPT_PT_SIZE, ds, size, strategy, FT_LR, t))
+    return sorted(runs, key=str)
+
+
+MPT_FINETUNES = mpt_finetune_runs()
+MPT_PRETRAINS = sorted(
+    {(v, pt_size, pt_trial(t)) for v, pt_size, *_, t in MPT_FINETUNES}, key=str
+)
+MPT_SCRATCH = sorted(
+    {(ds, size, t) for _, _, ds, size, _, _, t in MPT_FINETUNES if FAMILIES["scratch"]}
+    - set(SCRATCH),
+    key=str,
+)
+SCRATCH += MPT_SCRATCH
+METRICS += [f"{scratch_dir(*run)}/metrics.json" for run in MPT_SCRATCH]
+METRICS += [f"{mpt_dir(*run)}/metrics.json" for run in MPT_PRETRAINS]
+METRICS += [f"{mpt_ft_dir(*run)}/metrics.json" for run in MPT_FINETUNES]
+
+
+wildcard_constraints:
+    variant="all|without_[a-z0-9_]+",

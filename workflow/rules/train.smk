@@ -79,3 +79,65 @@ rule finetune:
         " --checkpoint {input.checkpoint} --strategy {wildcards.strategy} --lr {wildcards.lr}"
         " --dataset {wildcards.ds} --size {wildcards.size} --trial {wildcards.trial}"
         " --run-id {params.run_id} --out {params.out} > {log} 2>&1"
+
+
+rule mpt_pretrain:
+    input:
+        graphs=lambda wc: [graphs(ds) for ds in variant_sources(config, wc.variant)],
+        splits=lambda wc: [splits(ds) for ds in variant_sources(config, wc.variant)],
+        overlap=OVERLAP,
+    output:
+        **run_outputs(mpt_dir("{variant}", "{pt_size}", "{trial}")),
+    log:
+        f"{LOGS}/mpt/{{variant}}-{{pt_size}}/pt/t{{trial}}.log",
+    conda:
+        ENV
+    threads: STUDY["threads"]
+    resources:
+        gpu=GPU,
+    params:
+        config=CONFIG,
+        out=lambda wc, output: os.path.dirname(output.metrics),
+        train=TRAIN_PARAMS,
+        mpt=STUDY["mpt"],
+        run_id="mpt/{variant}-{pt_size}/pt/t{trial}",
+    shell:
+        "tlmat mpt --config {params.config} --set train.num_threads={threads} --no-progress --resume"
+        " --variant {wildcards.variant} --size {wildcards.pt_size} --trial {wildcards.trial}"
+        " --run-id {params.run_id} --out {params.out} > {log} 2>&1"
+
+
+rule mpt_finetune:
+    input:
+        checkpoint=lambda wc: f"{mpt_dir(wc.variant, wc.pt_size, pt_trial(wc.trial))}/model.pt",
+        graphs=lambda wc: graphs(wc.ds),
+        splits=lambda wc: splits(wc.ds),
+    output:
+        **run_outputs(
+            mpt_ft_dir(
+                "{variant}",
+                "{pt_size}",
+                "{ds}",
+                "{size}",
+                "{strategy}",
+                "{lr}",
+                "{trial}",
+            )
+        ),
+    log:
+        f"{LOGS}/mpt/{{variant}}-{{pt_size}}/ft-{{ds}}-{{size}}/{{strategy}}-lr{{lr}}/t{{trial}}.log",
+    conda:
+        ENV
+    threads: STUDY["threads"]
+    resources:
+        gpu=GPU,
+    params:
+        config=CONFIG,
+        out=lambda wc, output: os.path.dirname(output.metrics),
+        train=TRAIN_PARAMS,
+        run_id="mpt/{variant}-{pt_size}/ft-{ds}-{size}/{strategy}-lr{lr}/t{trial}",
+    shell:
+        "tlmat finetune --config {params.config} --set train.num_threads={threads} --no-progress --resume"
+        " --kind mpt_finetune --checkpoint {input.checkpoint} --strategy {wildcards.strategy}"
+        " --lr {wildcards.lr} --dataset {wildcards.ds} --size {wildcards.size}"
+        " --trial {wildcards.trial} --run-id {params.run_id} --out {params.out} > {log} 2>&1"

@@ -1,0 +1,85 @@
+"""Multi-property pre-training: masked loss, multi-label samples, per-property scaling."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch_geometric.data import Batch, Data
+
+from tlmat.mpt import head_scalers, labelled_graph, merge_samples, variant_sources
+from tlmat.train import _Targets, masked_mse
+
+NAN = float("nan")
+
+
+def test_masked_loss_equals_hand_computation_with_missing_labels():
+    prediction = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    target = torch.tensor([[1.5, NAN], [NAN, 2.0], [4.0, 7.0]])
+    # present labels: (1-1.5)², (4-2)², (5-4)², (6-7)² -> mean over 4, not over 6
+    expected = (0.25 + 4.0 + 1.0 + 1.0) / 4
+    assert masked_mse(prediction, target).item() == pytest.approx(expected)
+    diluted = (0.25 + 4.0 + 1.0 + 1.0) / 6
+    assert masked_mse(prediction, target).item() != pytest.approx(diluted)
+
+
+def test_masked_loss_without_missing_labels_is_plain_mse():
+    prediction, target = torch.randn(5, 1), torch.randn(5, 1)
+    expected = torch.nn.functional.mse_loss(prediction, target)
+    assert torch.equal(masked_mse(prediction, target), expected)
+
+
+def test_masked_loss_gradient_ignores_missing_labels():
+    prediction = torch.tensor([[1.0, 2.0]], requires_grad=True)
+    masked_mse(prediction, torch.tensor([[0.0, NAN]])).backward()
+    assert prediction.grad.tolist() == [[2.0, 0.0]]
+
+
+def _graph(y: float) -> Data:
+    return Data(
+        z=torch.tensor([1, 8]), edge_index=torch.tensor([[0, 1], [1, 0]]), y=torch.tensor([y])
+    )
+
+
+def test_same_crystal_in_two_data_sets_is_one_sample_with_two_labels():
+    entries = [("aa", 1, _graph(1.0)), ("aa", 2, _graph(2.0)), ("bb", 7, _graph(30.0))]
+    samples = merge_samples(entries, same_crystal=[[("aa", 2), ("bb", 7)]])
+    assert len(samples) == 2
+    merged = samples[1]
+    assert merged.labels == {"aa": 2.0, "bb": 30.0}
+    assert merged.members == (("aa", 2), ("bb", 7))
+    y = labelled_graph(merged, ["aa", "bb", "cc"]).y
+    assert y.shape == (1, 3)
+    assert y[0, :2].tolist() == [2.0, 30.0] and math.isnan(y[0, 2].item())
+    assert labelled_graph(samples[0], ["aa", "bb"]).y[0, 1].isnan()
+
+
+def test_per_property_scaling_uses_only_that_propertys_labels():
+    entries = [("aa", 1, _graph(1.0)), ("aa", 2, _graph(3.0)), ("bb", 7, _graph(100.0))]
+    scalers = head_scalers(merge_samples(entries, []), ["aa", "bb"])
+    assert scalers["aa"].mean == pytest.approx(2.0) and scalers["aa"].std == pytest.approx(1.0)
+    assert scalers["bb"].mean == pytest.approx(100.0)
+
+
+def test_batch_targets_are_standardized_per_head_with_nan_kept():
+    entries = [("aa", 1, _graph(1.0)), ("aa", 2, _graph(3.0)), ("bb", 7, _graph(100.0))]
+    samples = merge_samples(entries, [])
+    heads = ["aa", "bb"]
+    targets = _Targets(heads, head_scalers(samples, heads))
+    batch = Batch.from_data_list([labelled_graph(s, heads) for s in samples])
+    z = targets.standardized(batch)
+    assert z.shape == (3, 2)
+    assert z[:, 0][:2].tolist() == [-1.0, 1.0] and z[2, 1].item() == 0.0
+    assert int(torch.isnan(z).sum()) == 3
+
+
+def test_variants_leave_one_source_out():
+    config = {
+        "datasets": {"aa": {}, "bb": {}, "cc": {}, "ood": {"target_only": True}},
+        "study": {"datasets": ["aa", "bb", "cc", "ood"], "mpt": {"sources": None}},
+    }
+    assert variant_sources(config, "all") == ["aa", "bb", "cc"]
+    assert variant_sources(config, "without_bb") == ["aa", "cc"]
+    with pytest.raises(ValueError, match="without_ood"):
+        variant_sources(config, "without_ood")
