@@ -380,6 +380,7 @@ def test_write_tables_writes_every_file(study: list[Path], tmp_path: Path) -> No
         "pt_size_sweep.csv",
         "strategies.csv",
         "learning_rate.csv",
+        "mpt.csv",
         "summary.md",
     ]
     assert all(p.stat().st_size > 0 for p in written)

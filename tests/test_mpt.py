@@ -83,3 +83,51 @@ def test_variants_leave_one_source_out():
     assert variant_sources(config, "without_bb") == ["aa", "cc"]
     with pytest.raises(ValueError, match="without_ood"):
         variant_sources(config, "without_ood")
+
+
+def _run(kind, pt, trial, r2, mae, strategy="full"):
+    return {
+        "run_id": f"{kind}/{pt}/t{trial}",
+        "kind": kind,
+        "model": "cgcnn",
+        "dataset": "cc",
+        "size": 100,
+        "trial": trial,
+        "pt_dataset": pt,
+        "pt_size": 50 if pt else None,
+        "strategy": strategy if pt else None,
+        "lr": 0.001,
+        "test_r2": r2,
+        "test_mae": mae,
+    }
+
+
+def test_mpt_table_compares_with_scratch_and_the_best_pairwise_source():
+    import pandas as pd
+
+    from tlmat.aggregate import PAIRED_TEST_VS_PAIRWISE, StudyDefaults, mpt_table
+
+    runs = pd.DataFrame(
+        [
+            _run("scratch", None, 1, 0.1, 1.0),
+            _run("scratch", None, 2, 0.2, 1.2),
+            _run("finetune", "aa", 1, 0.5, 0.8),
+            _run("finetune", "aa", 2, 0.6, 0.9),
+            _run("finetune", "bb", 1, 0.2, 1.1),
+            _run("finetune", "bb", 2, 0.3, 1.0),
+            _run("mpt_finetune", "mpt_all", 1, 0.7, 0.6),
+            _run("mpt_finetune", "mpt_all", 2, 0.8, 0.7),
+        ]
+    )
+    table = mpt_table(runs, StudyDefaults(pt_size=50, lr=0.001))
+    assert len(table) == 1
+    row = table.iloc[0]
+    assert row["pt_dataset"] == "mpt_all" and row["n"] == 2
+    assert row["r2_mean"] == pytest.approx(0.75)
+    assert row["best_pairwise_source"] == "aa"
+    assert row["best_pairwise_r2_mean"] == pytest.approx(0.55)
+    assert row["n_pairs_vs_pairwise"] == 2
+    expected = ((0.8 - 0.6) / 0.8 + (0.9 - 0.7) / 0.9) / 2 * 100
+    assert row["gain_mae_vs_pairwise"] == pytest.approx(expected)
+    assert row["test_vs_pairwise"] == PAIRED_TEST_VS_PAIRWISE
+    assert row["gain_mae"] == pytest.approx(((1.0 - 0.6) / 1.0 + (1.2 - 0.7) / 1.2) / 2 * 100)

@@ -118,6 +118,19 @@ FT_SWEEP_KEYS: tuple[str, ...] = ("model", "dataset", "source", "size")
 PT_SWEEP_KEYS: tuple[str, ...] = GRID_KEYS
 STRATEGY_KEYS: tuple[str, ...] = (*GRID_KEYS, "strategy")
 LR_KEYS: tuple[str, ...] = (*GRID_KEYS, "lr")
+MPT_KEYS: tuple[str, ...] = ("model", "pt_dataset", "dataset", "size", "strategy")
+MPT_VS_PAIRWISE_COLUMNS: tuple[str, ...] = (
+    "best_pairwise_source",
+    "best_pairwise_r2_mean",
+    "best_pairwise_mae_mean",
+    "n_pairs_vs_pairwise",
+    "gain_mae_vs_pairwise",
+    "p_value_vs_pairwise",
+    "test_vs_pairwise",
+)
+PAIRED_TEST_VS_PAIRWISE = (
+    "paired t-test (scipy.stats.ttest_rel, two-sided) on test MAE, MPT vs best pair-wise source"
+)
 
 #: File stem -> columns of every table written by :func:`write_tables` (besides runs.csv).
 TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -127,6 +140,7 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     "pt_size_sweep": (*PT_SWEEP_KEYS, *STAT_COLUMNS, *GAIN_COLUMNS),
     "strategies": (*STRATEGY_KEYS, *STAT_COLUMNS, *GAIN_COLUMNS),
     "learning_rate": (*LR_KEYS, *STAT_COLUMNS, *GAIN_COLUMNS),
+    "mpt": (*MPT_KEYS, *STAT_COLUMNS, *GAIN_COLUMNS, *MPT_VS_PAIRWISE_COLUMNS),
 }
 
 
@@ -446,6 +460,69 @@ def learning_rate(runs: pd.DataFrame, defaults: StudyDefaults) -> pd.DataFrame:
     return summarize_with_gain(tl, scratch_runs(runs, defaults), LR_KEYS)
 
 
+def mpt_table(runs: pd.DataFrame, defaults: StudyDefaults) -> pd.DataFrame:
+    """MPT fine-tunes per (variant, target, FT size, strategy): vs scratch and vs pair-wise.
+
+    The pair-wise reference of a (model, target, FT size) cell is its best PT source in the
+    pair-wise grid (highest mean test R²); the comparison is paired per trial like the gain
+    over scratch, so the MPT and pair-wise runs of trial k share the FT subset and split.
+    """
+    columns = list(TABLE_COLUMNS["mpt"])
+    tl = _kind(runs, "mpt_finetune")
+    if tl.empty:
+        return pd.DataFrame(columns=columns)
+    table = summarize_with_gain(tl, scratch_runs(runs, defaults), MPT_KEYS)
+    plain = plain_finetune_runs(runs, defaults)
+    grid = summarize(plain, GRID_KEYS)
+    rows = []
+    for _, row in table.iterrows():
+        rows.append(_vs_best_pairwise(row, tl, plain, grid))
+    vs = pd.DataFrame(rows, columns=list(MPT_VS_PAIRWISE_COLUMNS), index=table.index)
+    return pd.concat([table, vs], axis=1)[columns]
+
+
+def _vs_best_pairwise(
+    row: pd.Series, mpt: pd.DataFrame, plain: pd.DataFrame, grid: pd.DataFrame
+) -> dict[str, Any]:
+    """Best pair-wise source of the row's cell and the paired MAE comparison with it."""
+    cell = grid[
+        (grid["model"] == row["model"])
+        & (grid["dataset"] == row["dataset"])
+        & (grid["size"] == row["size"])
+    ]
+    if cell.empty or cell["r2_mean"].isna().all():
+        return {"n_pairs_vs_pairwise": 0, "test_vs_pairwise": PAIRED_TEST_VS_PAIRWISE}
+    best = cell.loc[cell["r2_mean"].idxmax()]
+    mine = mpt[
+        (mpt["model"] == row["model"])
+        & (mpt["pt_dataset"] == row["pt_dataset"])
+        & (mpt["dataset"] == row["dataset"])
+        & (mpt["size"] == row["size"])
+        & (mpt["strategy"] == row["strategy"])
+    ]
+    theirs = plain[
+        (plain["model"] == row["model"])
+        & (plain["pt_dataset"] == best["pt_dataset"])
+        & (plain["dataset"] == row["dataset"])
+        & (plain["size"] == row["size"])
+    ]
+    paired = mine.merge(
+        theirs[[*PAIR_KEYS, "test_r2", "test_mae"]], on=list(PAIR_KEYS), suffixes=("", "_ref")
+    )
+    _, gain_mae = paired_gains(
+        paired["test_r2"], paired["test_r2_ref"], paired["test_mae"], paired["test_mae_ref"]
+    )
+    return {
+        "best_pairwise_source": best["pt_dataset"],
+        "best_pairwise_r2_mean": best["r2_mean"],
+        "best_pairwise_mae_mean": best["mae_mean"],
+        "n_pairs_vs_pairwise": len(paired),
+        "gain_mae_vs_pairwise": describe(gain_mae, "g")["g_mean"],
+        "p_value_vs_pairwise": paired_p_value(paired["test_mae"], paired["test_mae_ref"]),
+        "test_vs_pairwise": PAIRED_TEST_VS_PAIRWISE,
+    }
+
+
 def build_tables(runs: pd.DataFrame, defaults: StudyDefaults) -> dict[str, pd.DataFrame]:
     """All tables keyed by file stem (``runs`` included), in the order they are written."""
     return {
@@ -456,6 +533,7 @@ def build_tables(runs: pd.DataFrame, defaults: StudyDefaults) -> dict[str, pd.Da
         "pt_size_sweep": pt_size_sweep(runs, defaults),
         "strategies": strategies(runs, defaults),
         "learning_rate": learning_rate(runs, defaults),
+        "mpt": mpt_table(runs, defaults),
     }
 
 

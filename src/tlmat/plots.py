@@ -13,7 +13,8 @@ Every figure is written per model as ``<name>_<model>.png`` and ``.pdf``:
 * ``strategies``: fine-tuning strategy bars (R² and MAE gain);
 * ``learning_rate``: R² and MAE gain vs fine-tuning learning rate;
 * ``learning_curves``: train/validation loss of scratch runs, one panel per data set;
-* ``parity``: predicted vs true test values of the best run (highest R²) per target.
+* ``parity``: predicted vs true test values of the best run (highest R²) per target;
+* ``mpt``: R² of MPT fine-tunes next to the best pair-wise source and scratch per target.
 
 A family without data is skipped with a log message, so a partial study still gets figures.
 """
@@ -454,6 +455,70 @@ def plot_learning_rate(table: pd.DataFrame, meta: Meta, out_dir: Path, stem: str
     return save_figure(fig, out_dir, stem)
 
 
+# ----------------------------------------------------------------------------- MPT
+
+
+def mpt_bars(table: pd.DataFrame) -> pd.DataFrame:
+    """Long table (dataset, size, model_kind, r2, r2_std) for the MPT comparison figure.
+
+    One bar per MPT variant and strategy, plus the scratch baseline and the best pair-wise
+    source of the same cell (both taken from the MPT table's reference columns).
+    """
+    rows = []
+    for (dataset, size), cell in table.groupby(["dataset", "size"], sort=True):
+        first = cell.iloc[0]
+        rows.append((dataset, size, "scratch", first["scratch_r2_mean"], math.nan))
+        if pd.notna(first.get("best_pairwise_source")):
+            label = f"best pair-wise ({first['best_pairwise_source']})"
+            rows.append((dataset, size, label, first["best_pairwise_r2_mean"], math.nan))
+        for _, row in cell.iterrows():
+            label = f"{row['pt_dataset']} ({row['strategy']})"
+            rows.append((dataset, size, label, row["r2_mean"], row["r2_std"]))
+    return pd.DataFrame(rows, columns=["dataset", "size", "source", "r2", "r2_std"])
+
+
+def plot_mpt(table: pd.DataFrame, meta: Meta, out_dir: Path, stem: str) -> list[Path]:
+    """Test R² of MPT fine-tunes vs the best pair-wise source and scratch, per target/FT size."""
+    bars = mpt_bars(table)
+    targets = sorted(bars["dataset"].unique())
+    mpt_sources = sorted(s for s in bars["source"].unique() if s.startswith("mpt_"))
+    order = [
+        "scratch",
+        *sorted(s for s in bars["source"].unique() if s.startswith("best")),
+        *mpt_sources,
+    ]
+    colors = {"scratch": SCRATCH_COLOR, **_palette(order[1:])}
+    fig, axes = _facets(len(targets), ncols=4, size=(4.0, 3.4))
+    for ax, target in zip(axes, targets, strict=True):
+        cell = bars[bars["dataset"] == target]
+        sizes = sorted(cell["size"].unique())
+        levels = [s for s in order if s in set(cell["source"]) or s.startswith("best")]
+        width = 0.8 / max(len(levels), 1)
+        for k, level in enumerate(levels):
+            sub = cell[cell["source"] == level].set_index("size").reindex(sizes)
+            x = np.arange(len(sizes)) - 0.4 + width * (k + 0.5)
+            ax.bar(
+                x,
+                sub["r2"].to_numpy(float),
+                width,
+                yerr=sub["r2_std"].fillna(0.0).to_numpy(float),
+                capsize=2,
+                color=colors.get(level, "0.6"),
+                label=level,
+                edgecolor="white",
+                linewidth=0.5,
+            )
+        ax.set_xticks(np.arange(len(sizes)))
+        ax.set_xticklabels([str(s) for s in sizes])
+        ax.set_xlabel("FT size")
+        ax.set_title(prop_label(target, meta, units=False))
+        ax.axhline(0.0, color="0.5", linewidth=0.6)
+    axes[0].set_ylabel("Test R² (mean ± std)")
+    _legend_outside(fig, axes, "Pre-training", ncols=3)
+    fig.suptitle("Multi-property pre-training vs best pair-wise source vs scratch")
+    return save_figure(fig, out_dir, stem)
+
+
 # ----------------------------------------------------------------------------- per-run data
 
 
@@ -621,6 +686,7 @@ FIGURES: dict[str, str] = {
     "learning_rate": "learning_rate",
     "learning_curves": "runs",
     "parity": "runs",
+    "mpt": "mpt",
 }
 
 
@@ -648,6 +714,8 @@ def _draw(
             return plot_learning_curves(t["runs"], runs_dir, meta, out, stem)
         case "parity":
             return plot_parity(t["runs"], runs_dir, meta, out, stem)
+        case "mpt":
+            return plot_mpt(t["mpt"], meta, out, stem)
     raise ValueError(f"unknown figure {name!r}")
 
 

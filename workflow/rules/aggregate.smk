@@ -8,6 +8,7 @@ TABLE_NAMES = (
     "pt_size_sweep",
     "strategies",
     "learning_rate",
+    "mpt",
 )
 TABLES = [f"{RESULTS}/tables/{name}.csv" for name in TABLE_NAMES] + [
     f"{RESULTS}/tables/summary.md"
@@ -23,6 +24,7 @@ FIGURE_FAMILIES = {
     "learning_rate": "learning_rate",
     "learning_curves": None,
     "parity": None,
+    "mpt": "mpt",
 }
 FIGURE_STEMS = [
     f"{name}_{config['model']['arch']}"
