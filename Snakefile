@@ -20,4 +20,5 @@ rule all:
         # up-to-date job, so deleting one run's metrics.json would otherwise go unnoticed
         METRICS,
         TABLES,
+        LEAKAGE_TABLE,
         FIGURES,

@@ -109,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     mpt.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: train.device")
     mpt.add_argument("--resume", action="store_true", help="continue from <out>/.resume.pt")
 
+    leakage = verbs.add_parser(
+        "leakage",
+        help="match crystals across the study's data sets: overlap.json (PT exclusions, "
+        "multi-label clusters) and results/tables/leakage.csv",
+    )
+    _common(leakage)
+
     aggregate = verbs.add_parser("aggregate", help="collect metrics.json files into tables")
     _common(aggregate)
     aggregate.add_argument("--runs", type=Path, default=Path("results/runs"))
@@ -182,6 +189,10 @@ def _dispatch(args: argparse.Namespace) -> None:
             len(metrics["sources"]),
             metrics["test_r2"],
         )
+    elif args.verb == "leakage":
+        from tlmat.leakage import compute_overlap
+
+        compute_overlap(config, progress=args.progress)
     elif args.verb == "aggregate":
         from tlmat.study import aggregate_command
 

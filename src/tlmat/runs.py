@@ -41,6 +41,7 @@ from tlmat.data import (
     write_frame,
 )
 from tlmat.graphs import FeaturizerSettings, GraphCache, featurize
+from tlmat.leakage import compute_overlap, dedupe_prepared, load_overlap, overlap_path
 from tlmat.metrics import regression_metrics
 from tlmat.models import ModelConfig, build_model
 from tlmat.train import (
@@ -87,6 +88,7 @@ def prepare_dataset(config: Mapping, key: str) -> tuple[Path, Path]:
     spec = DatasetSpec.from_config(config, key)
     frame, _ = clean(load_dataset(spec, config.get("data_dir")), key)
     published = read_published_splits(config.get("splits_file"), key)
+    frame, published = dedupe_prepared(frame, key, published)
     splits = make_splits(frame.index, key, config["seed"], config["test_fraction"], published)
     write_frame(frame, frame_path(config, key))
     _write_json(splits, splits_path(config, key))
@@ -168,8 +170,48 @@ def _train_settings(config: Mapping, spec: RunSpec) -> TrainSettings:
     return dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def _split_graphs(config: Mapping, spec: RunSpec, cache: GraphCache, splits: Mapping):
-    subset = subset_ids(splits, cache.ids.tolist(), spec.size, spec.trial)
+def pretrain_pool_exclusions(config: Mapping, ds: str) -> set[int]:
+    """Pool ids of ``ds`` kept out of pre-training: the same crystal as a test structure of
+    another study data set (``resources/leakage/overlap.json``); empty when the config's
+    ``exclude_test_overlap`` is false. Built on first use when the file is missing."""
+    if not config.get("exclude_test_overlap", True):
+        return set()
+    path = overlap_path(config)
+    if not path.is_file():
+        log.info("%s missing; matching the study's data sets first", path)
+        compute_overlap(config)
+    excluded = load_overlap(path).excluded(ds)
+    log.info(
+        "%s: excluded %d pool structures that match other data sets' test structures",
+        ds,
+        len(excluded),
+    )
+    return excluded
+
+
+def pretrain_subset_ids(
+    splits: Mapping, pool_ids: list[int], size: int, trial: int, excluded: set[int]
+) -> list[int]:
+    """:func:`subset_ids` from the pool without ``excluded``.
+
+    A published subset that contains excluded ids loses them (logged) rather than being
+    refilled, so what remains is still exactly the published selection.
+    """
+    chosen = subset_ids(splits, [i for i in pool_ids if i not in excluded], size, trial)
+    kept = [i for i in chosen if i not in excluded]
+    if len(kept) < len(chosen):
+        log.info(
+            "%s: %d ids of the published subset dropped (same crystal as a test structure)",
+            splits["dataset"],
+            len(chosen) - len(kept),
+        )
+    return kept
+
+
+def _split_graphs(
+    config: Mapping, spec: RunSpec, cache: GraphCache, splits: Mapping, excluded: set[int]
+):
+    subset = pretrain_subset_ids(splits, cache.ids.tolist(), spec.size, spec.trial, excluded)
     train_ids, val_ids = train_val_split(
         subset, config["val_fraction"], config["seed"], spec.dataset, spec.size, spec.trial
     )
@@ -208,7 +250,8 @@ def execute_run(config: Mapping, spec: RunSpec, progress: bool | None = None) ->
     featurizer = featurizer_settings(config)
     cache = load_graphs(config, spec.dataset)
     splits = load_splits(config, spec.dataset)
-    train_g, val_g, test_g, test_ids = _split_graphs(config, spec, cache, splits)
+    excluded = pretrain_pool_exclusions(config, spec.dataset) if spec.kind == "pretrain" else set()
+    train_g, val_g, test_g, test_ids = _split_graphs(config, spec, cache, splits, excluded)
     if not test_g:
         raise DataError(f"{spec.dataset}: the held-out test set is empty")
 
@@ -247,6 +290,7 @@ def execute_run(config: Mapping, spec: RunSpec, progress: bool | None = None) ->
         "epochs_run": result.epochs_run,
         "best_val_loss": result.best_val_loss,
         "splits_source": splits["source"],
+        **({"n_excluded_overlap": len(excluded)} if spec.kind == "pretrain" else {}),
         "wall_time_s": round(stopwatch.seconds(), 3),
     }
     predictions = pd.DataFrame({"id": test_ids, "target": target, "prediction": prediction})

@@ -30,3 +30,29 @@ rule featurize:
         featurizer=config["featurizer"],
     shell:
         "tlmat featurize --config {params.config} --dataset {wildcards.ds} --no-progress > {log} 2>&1"
+
+
+# Crystals shared across data sets: PT exclusions, MPT multi-label clusters, leakage table.
+from tlmat.leakage import study_datasets
+
+LEAKAGE_DATASETS = study_datasets(config)
+LEAKAGE_TABLE = f"{RESULTS}/tables/leakage.csv"
+
+
+rule leakage:
+    input:
+        frames=[f"{RESOURCES}/datasets/{ds}.json.gz" for ds in LEAKAGE_DATASETS],
+        splits=[splits(ds) for ds in LEAKAGE_DATASETS],
+    output:
+        overlap=OVERLAP,
+        table=LEAKAGE_TABLE,
+    log:
+        f"{LOGS}/leakage.log",
+    conda:
+        ENV
+    params:
+        config=CONFIG,
+        datasets=LEAKAGE_DATASETS,
+        data={ds: data_params(ds) for ds in LEAKAGE_DATASETS},
+    shell:
+        "tlmat leakage --config {params.config} --no-progress > {log} 2>&1"

@@ -30,6 +30,7 @@ rule pretrain:
     input:
         graphs=lambda wc: graphs(wc.src),
         splits=lambda wc: splits(wc.src),
+        overlap=OVERLAP if config["exclude_test_overlap"] else [],
     output:
         **run_outputs(pt_dir("{src}", "{pt_size}", "{trial}")),
     log:

@@ -1,0 +1,172 @@
+"""Leakage control: the same crystal is found across data sets (not by id) and kept out of PT."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import make_frame, synthetic_target
+from helpers import tiny_config
+from pymatgen.core import Lattice, Structure
+
+from tlmat.data import make_splits, read_frame, write_frame
+from tlmat.leakage import (
+    crystal_labels,
+    dedupe_prepared,
+    find_overlap,
+    leakage_table,
+    load_overlap,
+    overlap_path,
+)
+from tlmat.runs import RunSpec, execute_run, pretrain_pool_exclusions, pretrain_subset_ids
+
+
+def _rocksalt() -> Structure:
+    return Structure.from_spacegroup(
+        "Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]
+    )
+
+
+def _cscl_type() -> Structure:
+    """NaCl in the CsCl (B2) structure: same composition, different crystal."""
+    return Structure(Lattice.cubic(3.3), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+
+
+def _copy(structure: Structure) -> Structure:
+    """The same crystal written differently: a 2x1x1 supercell, translated, strained 1 %."""
+    copy = structure.copy()
+    copy.make_supercell([2, 1, 1])
+    copy.translate_sites(list(range(len(copy))), [0.13, 0.07, 0.02])
+    copy.scale_lattice(copy.volume * 1.01)
+    return copy
+
+
+def test_supercell_translated_copy_matches_but_polymorph_does_not():
+    labels = crystal_labels([_rocksalt(), _cscl_type(), _copy(_rocksalt()), _copy(_cscl_type())])
+    assert labels.tolist() == [0, 1, 0, 1]
+
+
+def _entry(frame: pd.DataFrame, structure: Structure, new_id: int) -> pd.DataFrame:
+    row = pd.DataFrame(
+        {"structure": [structure], "target": [synthetic_target(structure)]}, index=[new_id]
+    )
+    return pd.concat([frame, row])
+
+
+def _two_datasets(tmp_path):
+    """aa and bb; aa's test entry 3 sits (as a supercell, id 1999) in bb's pool."""
+    aa = make_frame(12, seed=10)
+    bb = _entry(make_frame(12, seed=11, start_id=1000), _copy(aa.loc[3, "structure"]), 1999)
+    data = tmp_path / "data"
+    write_frame(aa, data / "aa.json.gz")
+    write_frame(bb, data / "bb.json.gz")
+    splits = {"aa": {"test": [3, 4]}, "bb": {"test": [1000, 1001]}}
+    (data / "splits.json").write_text(json.dumps(splits))
+    return tiny_config(
+        tmp_path,
+        ["aa", "bb"],
+        f"splits_file={data / 'splits.json'}",
+        f"results_dir={tmp_path / 'results'}",
+        "study={datasets: [aa, bb], families: {pt_size_sweep: false, strategies: false, "
+        "learning_rate: false}}",
+    )
+
+
+def test_guard_removes_a_test_structure_found_with_another_id_in_another_pool(tmp_path):
+    from tlmat.leakage import compute_overlap
+
+    config = _two_datasets(tmp_path)
+    overlap = compute_overlap(config, progress=False)
+    assert overlap.excluded("bb") == {1999} and overlap.excluded("aa") == set()
+    assert overlap.clusters == [[("aa", 3), ("bb", 1999)]]
+    assert load_overlap(overlap_path(config)) == overlap
+    table = pd.read_csv(tmp_path / "results" / "tables" / "leakage.csv")
+    row = table.set_index(["pt_pool", "ft_test"]).loc[("bb", "aa")]
+    assert (row["n_pool"], row["n_test"], row["n_overlap"]) == (11, 2, 1)
+    assert row["fraction"] == pytest.approx(1 / 11)
+    assert table["n_overlap"].sum() == 1 and len(table) == 2
+
+    excluded = pretrain_pool_exclusions(config, "bb")
+    pool = [i for i in range(1000, 1012) if i not in (1000, 1001)] + [1999]
+    splits = {"dataset": "bb", "seed": 1, "test": [1000, 1001], "trials": {}}
+    assert 1999 not in pretrain_subset_ids(splits, pool, 11, 1, excluded)
+    published = {**splits, "trials": {"trial1": {"5": [1002, 1999, 1003, 1004, 1005]}}}
+    assert pretrain_subset_ids(published, pool, 5, 1, excluded) == [1002, 1003, 1004, 1005]
+    assert pretrain_pool_exclusions({**config, "exclude_test_overlap": False}, "bb") == set()
+
+    spec = RunSpec("pt/bb", "bb", 11, 1, tmp_path / "pt", kind="pretrain", epochs=1)
+    metrics = execute_run(config, spec, progress=False)
+    assert metrics["n_excluded_overlap"] == 1 and metrics["n_train"] + metrics["n_val"] == 10
+
+
+def test_counts_over_pairs_and_clusters_of_several_datasets():
+    base = make_frame(6, seed=3)
+    frames = {
+        "a": base.iloc[:3],
+        "b": _entry(make_frame(4, seed=4, start_id=100), _copy(base.iloc[0]["structure"]), 7),
+        "c": _entry(make_frame(4, seed=5, start_id=200), base.iloc[0]["structure"], 8),
+    }
+    overlap = find_overlap(
+        {"a": (frames["a"], [0]), "b": (frames["b"], [100]), "c": (frames["c"], [8])},
+        progress=False,
+    )
+    # a0 (a's test) = b7 (b's pool) = c8 (c's test): b7 is excluded; a0 is a's test entry
+    assert overlap.clusters == [[("a", 0), ("b", 7), ("c", 8)]]
+    assert overlap.exclude == {"a": [], "b": [7], "c": []}
+    table = leakage_table(overlap).set_index(["pt_pool", "ft_test"])
+    assert table.loc[("b", "a"), "n_overlap"] == 1 and table.loc[("b", "c"), "n_overlap"] == 1
+    assert table.loc[("a", "c"), "n_overlap"] == 0  # a0 is a's own test entry, not pool
+    assert len(table) == 6
+
+
+def test_duplicates_inside_a_dataset_collapse_to_the_published_test_member():
+    frame = make_frame(6, seed=7)
+    frame = _entry(frame, _copy(frame.loc[4, "structure"]), 2_000)  # twin of test entry 4
+    frame = _entry(frame, _copy(frame.loc[1, "structure"]), 3_000)  # twin of pool entry 1
+    published = {"test": [4, 5], "trials": {"trial1": {"3": [2_000, 3_000, 2]}}}
+    kept, remapped = dedupe_prepared(frame, "x", published)
+    # test entry 4 is kept over its twin; of 1 and 3000 the published subset's member is kept
+    assert sorted(kept.index) == [0, 2, 3, 4, 5, 3_000]
+    # the test entry's twin leaves the subset (it would train on a test crystal)
+    assert remapped["trials"]["trial1"]["3"] == [3_000, 2]
+    assert kept.loc[4, "target"] == frame.loc[4, "target"]
+    splits = make_splits(kept.index, "x", 1, 0.2, remapped)
+    assert splits["source"] == "published" and splits["test"] == [4, 5]
+
+
+def test_lowest_id_kept_without_published_splits():
+    frame = make_frame(3, seed=8, start_id=10)
+    frame = _entry(frame, frame.loc[11, "structure"].copy(), 5)
+    kept, published = dedupe_prepared(frame, "x", None)
+    assert sorted(kept.index) == [5, 10, 12] and published is None
+
+
+def test_real_data_overlap_is_plausible(shared_data):
+    """dc/pz (full data sets, published tests) and bg/fe share Materials Project crystals."""
+    splits = json.loads((shared_data / "splits.json").read_text())
+    frames = {ds: read_frame(shared_data / f"{ds}.json.gz") for ds in ("dc", "pz", "bg", "fe")}
+    # bg/fe: only formulas both carry (keeps the test fast); bg's test set is drawn as in prepare
+    formula = {
+        ds: frames[ds]["structure"].map(lambda s: s.composition.reduced_formula)
+        for ds in ("bg", "fe")
+    }
+    shared = sorted(set(formula["bg"]) & set(formula["fe"]))[:400]
+    for ds in ("bg", "fe"):
+        frames[ds] = frames[ds][formula[ds].isin(shared)]
+    bg_test = make_splits(frames["bg"].index, "bg", 42, 0.1)["test"]
+    entries = {
+        "dc": (frames["dc"], splits["dc"]["test"]),
+        "pz": (frames["pz"], splits["pz"]["test"]),
+        "bg": (frames["bg"], bg_test),
+        "fe": (frames["fe"], []),
+    }
+    overlap = find_overlap(entries, progress=False)
+    table = leakage_table(overlap).set_index(["pt_pool", "ft_test"])
+    assert table.loc[("fe", "bg"), "n_overlap"] > 0 and table.loc[("bg", "fe"), "n_overlap"] == 0
+    assert 0 < table.loc[("dc", "pz"), "n_overlap"] <= 94
+    assert 0 < table.loc[("pz", "dc"), "n_overlap"] <= 106
+    assert (table["fraction"] < 0.5).all()
+    sizes = np.array([len(c) for c in overlap.clusters])
+    assert (sizes >= 2).all() and len(overlap.clusters) > 50
