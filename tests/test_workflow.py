@@ -64,7 +64,9 @@ def study(tmp_path_factory):
 def test_tables_cover_the_whole_grid(study):
     tables = study / "results" / "tables"
     runs = pd.read_csv(tables / "runs.csv")
-    assert set(runs["kind"]) == {"scratch", "pretrain", "finetune"}
+    assert set(runs["kind"]) == {"scratch", "pretrain", "finetune", "mpt", "mpt_finetune"}
+    leakage = pd.read_csv(tables / "leakage.csv")
+    assert len(leakage) == 6 and set(leakage["pt_pool"]) == set(KEYS)
     grid = pd.read_csv(tables / "pairwise_grid.csv")
     assert len(grid) == 6  # 3 x 2 pairs at one FT size
     assert (grid["n"] == 2).all() and grid["r2_mean"].notna().all()
