@@ -170,3 +170,12 @@ def test_real_data_overlap_is_plausible(shared_data):
     assert (table["fraction"] < 0.5).all()
     sizes = np.array([len(c) for c in overlap.clusters])
     assert (sizes >= 2).all() and len(overlap.clusters) > 50
+
+
+def test_unusable_overlap_file_is_one_clear_error(tmp_path):
+    path = tmp_path / "overlap.json"
+    with pytest.raises(FileNotFoundError, match="run `tlmat leakage` first"):
+        load_overlap(path)
+    path.write_text(json.dumps({"datasets": ["a"], "exclude": {}}))
+    with pytest.raises(ValueError, match=r"overlap.json: not an overlap file \(KeyError"):
+        load_overlap(path)

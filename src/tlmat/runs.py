@@ -180,7 +180,16 @@ def pretrain_pool_exclusions(config: Mapping, ds: str) -> set[int]:
     if not path.is_file():
         log.info("%s missing; matching the study's data sets first", path)
         compute_overlap(config)
-    excluded = load_overlap(path).excluded(ds)
+    overlap = load_overlap(path)
+    if ds not in overlap.datasets:
+        log.warning(
+            "%s: not among the matched data sets %s of %s; nothing excluded (rerun `tlmat "
+            "leakage` after adding it to the study)",
+            ds,
+            overlap.datasets,
+            path,
+        )
+    excluded = overlap.excluded(ds)
     log.info(
         "%s: excluded %d pool structures that match other data sets' test structures",
         ds,
