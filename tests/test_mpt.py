@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,3 +132,90 @@ def test_mpt_table_compares_with_scratch_and_the_best_pairwise_source():
     assert row["gain_mae_vs_pairwise"] == pytest.approx(expected)
     assert row["test_vs_pairwise"] == PAIRED_TEST_VS_PAIRWISE
     assert row["gain_mae"] == pytest.approx(((1.0 - 0.6) / 1.0 + (1.2 - 0.7) / 1.2) / 2 * 100)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+SHARED = 8  # crystals of aa that bb also carries, under other ids and with bb's own targets
+
+
+@pytest.fixture(scope="module")
+def mpt_config(tmp_path_factory):
+    from conftest import make_frame
+    from helpers import tiny_config
+
+    from tlmat.data import write_frame
+
+    root = tmp_path_factory.mktemp("mpt")
+    aa = make_frame(40, seed=3, start_id=0)
+    bb = make_frame(40, seed=4, start_id=1000)
+    for k in range(SHARED):
+        bb.iat[k, 0] = aa.iat[k, 0].copy()
+    write_frame(aa, root / "data" / "aa.json.gz")
+    write_frame(bb, root / "data" / "bb.json.gz")
+    return tiny_config(
+        root,
+        ["aa", "bb"],
+        "model={arch: cgcnn, hidden: 16, gcn_layers: 1}",
+        "study={datasets: [aa, bb]}",
+        "train.epochs=3",
+    )
+
+
+def test_mpt_pretraining_merges_shared_crystals_and_keeps_test_crystals_out(mpt_config):
+    from tlmat import runs
+    from tlmat.checkpoint import load_checkpoint
+    from tlmat.leakage import compute_overlap
+    from tlmat.mpt import MPTSpec, execute_mpt, source_split
+
+    overlap = compute_overlap(mpt_config)
+    out = Path(mpt_config["resources_dir"]).parent / "mpt"
+    metrics = execute_mpt(mpt_config, MPTSpec("all", 100, 1, out, "mpt/all-100/pt/t1"))
+
+    assert metrics["kind"] == "mpt" and metrics["dataset"] == "mpt_all"
+    assert metrics["sources"] == ["aa", "bb"]
+    assert set(metrics["per_source"]) == {"aa", "bb"}
+    assert metrics["n_train_labels"] > metrics["n_train"]  # shared crystals: two labels
+    payload = load_checkpoint(out / "model.pt")
+    assert payload["model_config"]["heads"] == ["aa", "bb"]
+    assert set(payload["target_stats"]) == {"aa", "bb"}
+    assert payload["lineage"][0]["dataset"] == "mpt_all"
+
+    # the guard: a bb entry that is an aa test crystal never enters pre-training
+    aa_test = set(runs.load_splits(mpt_config, "aa")["test"])
+    shared_test = [k for k in range(SHARED) if k in aa_test]
+    bb_split = source_split(
+        mpt_config,
+        "bb",
+        100,
+        1,
+        runs.load_graphs(mpt_config, "bb").ids.tolist(),
+        runs.load_splits(mpt_config, "bb"),
+        overlap.excluded("bb"),
+    )
+    leaked = {1000 + k for k in shared_test} & set(bb_split.train + bb_split.val)
+    assert not leaked
+    assert metrics["n_excluded_overlap"] >= len(shared_test)
+
+
+def test_fine_tuning_an_mpt_model_reuses_the_targets_head(mpt_config):
+    from tlmat.runs import RunSpec, execute_run
+
+    root = Path(mpt_config["resources_dir"]).parent
+    checkpoint = root / "mpt" / "model.pt"
+    if not checkpoint.is_file():
+        pytest.skip("needs the MPT run of the previous test")
+    spec = RunSpec(
+        "mpt/all-100/ft-aa-20/full-lr0.001/t1",
+        "aa",
+        20,
+        1,
+        root / "mpt-ft",
+        kind="mpt_finetune",
+        checkpoint=checkpoint,
+        strategy="full",
+    )
+    metrics = execute_run(mpt_config, spec)
+    assert metrics["kind"] == "mpt_finetune"
+    assert metrics["pt_dataset"] == "mpt_all" and metrics["strategy"] == "full"
+    assert metrics["chain"] == "mpt_all:100>aa:20"

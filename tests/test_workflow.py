@@ -27,6 +27,7 @@ TINY_STUDY = {
         "pt_size_sweep": {"sources": ["aa"], "sizes": [20, 30], "ft_size": 20},
         "strategies": {"pairs": [["aa", "bb"]], "names": ["full", "last_layer", "new_head"]},
         "learning_rate": {"pairs": [["bb", "cc"]], "lrs": [0.0005, 0.001], "ft_size": 20},
+        "mpt": {"variants": ["all", "without_aa"], "targets": ["aa", "bb"], "pt_size": 20},
     },
 }
 
@@ -69,6 +70,16 @@ def test_tables_cover_the_whole_grid(study):
     assert len(leakage) == 6 and set(leakage["pt_pool"]) == set(KEYS)
     grid = pd.read_csv(tables / "pairwise_grid.csv")
     assert len(grid) == 6  # 3 x 2 pairs at one FT size
+    mpt = pd.read_csv(tables / "mpt.csv")
+    # all -> aa, bb reuse their heads; without_aa -> aa gets a fresh head (new_head)
+    assert sorted(zip(mpt["pt_dataset"], mpt["dataset"], mpt["strategy"], strict=True)) == [
+        ("mpt_all", "aa", "full"),
+        ("mpt_all", "bb", "full"),
+        ("mpt_without_aa", "aa", "new_head"),
+        ("mpt_without_aa", "bb", "full"),
+    ]
+    assert (mpt["n"] == 2).all() and (mpt["n_pairs"] == 2).all()
+    assert mpt["best_pairwise_source"].notna().all() and (mpt["n_pairs_vs_pairwise"] == 2).all()
     assert (grid["n"] == 2).all() and grid["r2_mean"].notna().all()
     assert grid["gain_mae"].notna().all() and grid["p_value"].notna().any()
     strategies = pd.read_csv(tables / "strategies.csv")

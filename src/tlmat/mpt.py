@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from torch_geometric.data import Data
 
-from tlmat.data import DataError, subset_ids, train_val_split
+from tlmat.data import DataError, train_val_split
 from tlmat.metrics import regression_metrics
 from tlmat.models import ModelConfig, build_model
 from tlmat.train import Stopwatch, TargetScaler, TrainSettings, fit, predict
@@ -152,15 +152,9 @@ def source_split(
     excluded: set[int],
 ) -> SourceSplit:
     """The PT subset a pair-wise PT run of ``size`` would draw, minus excluded crystals."""
-    pool = [int(i) for i in pool_ids if int(i) not in excluded]
-    chosen = subset_ids(splits, pool, size, trial)
-    kept = [i for i in chosen if i not in excluded]
-    if len(kept) < len(chosen):
-        log.info(
-            "%s: %d published PT ids dropped (same crystal as a test structure)",
-            ds,
-            len(chosen) - len(kept),
-        )
+    from tlmat.runs import pretrain_subset_ids
+
+    kept = pretrain_subset_ids(splits, [int(i) for i in pool_ids], size, trial, excluded)
     train, val = train_val_split(kept, config["val_fraction"], config["seed"], ds, size, trial)
     return SourceSplit(train, val, [int(i) for i in splits["test"]], len(excluded))
 
@@ -184,7 +178,7 @@ class MPTSpec:
 def execute_mpt(config: Mapping, spec: MPTSpec, progress: bool | None = None) -> dict:
     """Pre-train one backbone with a head per source; write the usual four run files."""
     from tlmat import runs
-    from tlmat.leakage import load_overlap, overlap_path
+    from tlmat.leakage import compute_overlap, load_overlap, overlap_path
 
     stopwatch = Stopwatch()
     heads = variant_sources(config, spec.variant)
@@ -192,6 +186,8 @@ def execute_mpt(config: Mapping, spec: MPTSpec, progress: bool | None = None) ->
     if settings.num_threads:
         torch.set_num_threads(settings.num_threads)
     featurizer = runs.featurizer_settings(config)
+    if not overlap_path(config).is_file():  # standalone CLI use: match the data sets first
+        compute_overlap(config)
     overlap = load_overlap(overlap_path(config))
     caches = {ds: runs.load_graphs(config, ds) for ds in heads}
     parts = {
