@@ -44,6 +44,7 @@ rule pretrain:
         config=CONFIG,
         out=lambda wc, output: os.path.dirname(output.metrics),
         train=TRAIN_PARAMS,
+        exclude_test_overlap=config["exclude_test_overlap"],
         run_id="pt/{src}-{pt_size}/t{trial}",
     shell:
         "tlmat train --config {params.config} --set train.num_threads={threads} --no-progress --resume"
