@@ -132,6 +132,11 @@ def test_mpt_table_compares_with_scratch_and_the_best_pairwise_source():
     assert row["gain_mae_vs_pairwise"] == pytest.approx(expected)
     assert row["test_vs_pairwise"] == PAIRED_TEST_VS_PAIRWISE
     assert row["gain_mae"] == pytest.approx(((1.0 - 0.6) / 1.0 + (1.2 - 0.7) / 1.2) / 2 * 100)
+    from tlmat.aggregate import summary_markdown
+
+    text = summary_markdown({"mpt": table})
+    assert "## Multi-property pre-training" in text
+    assert f"| cgcnn | mpt_all | 1 | {row['gain_mae']:+.1f} | {expected:+.1f} | 1/1 |" in text
 
 
 # ----------------------------------------------------------------------------- end to end

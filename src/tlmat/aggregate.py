@@ -744,7 +744,39 @@ def summary_markdown(
         _pt_size_rows(pts, meta),
         ["model", "PT source", "PT size", *gain_header],
     )
+    parts += _section(
+        "Multi-property pre-training (mean over targets and FT sizes)",
+        _mpt_rows(tables.get("mpt", pd.DataFrame())),
+        [
+            "model",
+            "MPT variant",
+            "cells",
+            "mean MAE gain vs scratch (%)",
+            "mean MAE gain vs best pair-wise (%)",
+            "better than best pair-wise (MAE)",
+        ],
+    )
     return "\n".join(parts).rstrip() + "\n"
+
+
+def _mpt_rows(table: pd.DataFrame) -> list[list[str]]:
+    """One line per (model, MPT variant): gains over scratch and over the best PT source."""
+    if table.empty:
+        return []
+    rows = []
+    for (model, variant), group in table.groupby(["model", "pt_dataset"], sort=True):
+        vs = group["gain_mae_vs_pairwise"].astype(float)
+        rows.append(
+            [
+                str(model),
+                str(variant),
+                str(len(group)),
+                _fmt(group["gain_mae"].astype(float).mean(), "+.1f"),
+                _fmt(vs.mean(), "+.1f"),
+                f"{int((vs > 0).sum())}/{int(vs.notna().sum())}",
+            ]
+        )
+    return rows
 
 
 def _pt_size_rows(table: pd.DataFrame, meta: Mapping | None) -> list[list[str]]:
