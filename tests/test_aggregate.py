@@ -381,6 +381,7 @@ def test_write_tables_writes_every_file(study: list[Path], tmp_path: Path) -> No
         "strategies.csv",
         "learning_rate.csv",
         "mpt.csv",
+        "chains.csv",
         "summary.md",
     ]
     assert all(p.stat().st_size > 0 for p in written)

@@ -14,9 +14,13 @@ from helpers import synthetic_data_dir
 
 ROOT = Path(__file__).parents[1]
 KEYS = ["aa", "bb", "cc"]
+OOD = "dd"  # an out-of-domain target: fine-tuned on, never pre-trained on
 
 TINY_STUDY = {
-    "datasets": {k: {"source": "file", "label": k.upper(), "units": "eV"} for k in KEYS},
+    "datasets": {
+        **{k: {"source": "file", "label": k.upper(), "units": "eV"} for k in KEYS},
+        OOD: {"source": "file", "label": "DD", "units": "eV", "target_only": True},
+    },
     "model": {"arch": "cgcnn", "hidden": 16, "gcn_layers": 1, "readout_layers": 1},
     "train": {"epochs": 2, "batch_size": 16},
     "study": {
@@ -27,7 +31,9 @@ TINY_STUDY = {
         "pt_size_sweep": {"sources": ["aa"], "sizes": [20, 30], "ft_size": 20},
         "strategies": {"pairs": [["aa", "bb"]], "names": ["full", "last_layer", "new_head"]},
         "learning_rate": {"pairs": [["bb", "cc"]], "lrs": [0.0005, 0.001], "ft_size": 20},
-        "mpt": {"variants": ["all", "without_aa"], "targets": ["aa", "bb"], "pt_size": 20},
+        "mpt": {"variants": ["all", "without_aa"], "targets": ["aa", "bb", OOD], "pt_size": 20},
+        "ood_targets": [OOD],
+        "chains": [{"stages": ["aa:30", "bb:20", "cc:20"]}, {"stages": ["bb:30", "cc:20"]}],
     },
 }
 
@@ -54,7 +60,7 @@ def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("study")
-    synthetic_data_dir(workdir, {k: 60 for k in KEYS})
+    synthetic_data_dir(workdir, {k: 60 for k in [*KEYS, OOD]})
     (workdir / "config.yaml").write_text((ROOT / "config.yaml").read_text())
     (workdir / "tiny.yaml").write_text(yaml.safe_dump({**TINY_STUDY, "data_dir": "data"}))
     result = snakemake(workdir)
@@ -65,18 +71,24 @@ def study(tmp_path_factory):
 def test_tables_cover_the_whole_grid(study):
     tables = study / "results" / "tables"
     runs = pd.read_csv(tables / "runs.csv")
-    assert set(runs["kind"]) == {"scratch", "pretrain", "finetune", "mpt", "mpt_finetune"}
+    kinds = {"scratch", "pretrain", "finetune", "mpt", "mpt_finetune", "chain"}
+    assert set(runs["kind"]) == kinds
+    assert OOD not in set(runs.loc[runs["kind"] == "pretrain", "dataset"])
     leakage = pd.read_csv(tables / "leakage.csv")
-    assert len(leakage) == 6 and set(leakage["pt_pool"]) == set(KEYS)
+    assert len(leakage) == 12 and set(leakage["pt_pool"]) == {*KEYS, OOD}
     grid = pd.read_csv(tables / "pairwise_grid.csv")
-    assert len(grid) == 6  # 3 x 2 pairs at one FT size
+    assert len(grid) == 9  # 3 sources x (2 study targets + the OOD target) at one FT size
+    assert set(grid.loc[grid["dataset"] == OOD, "pt_dataset"]) == set(KEYS)
+    assert OOD not in set(grid["pt_dataset"])
     mpt = pd.read_csv(tables / "mpt.csv")
     # all -> aa, bb reuse their heads; without_aa -> aa gets a fresh head (new_head)
     assert sorted(zip(mpt["pt_dataset"], mpt["dataset"], mpt["strategy"], strict=True)) == [
         ("mpt_all", "aa", "full"),
         ("mpt_all", "bb", "full"),
+        ("mpt_all", OOD, "new_head"),
         ("mpt_without_aa", "aa", "new_head"),
         ("mpt_without_aa", "bb", "full"),
+        ("mpt_without_aa", OOD, "new_head"),
     ]
     assert (mpt["n"] == 2).all() and (mpt["n_pairs"] == 2).all()
     assert mpt["best_pairwise_source"].notna().all() and (mpt["n_pairs_vs_pairwise"] == 2).all()
@@ -87,7 +99,14 @@ def test_tables_cover_the_whole_grid(study):
     assert set(pd.read_csv(tables / "pt_size_sweep.csv")["pt_size"]) == {20, 30}
     assert set(pd.read_csv(tables / "learning_rate.csv")["lr"]) == {0.0005, 0.001}
     assert "gain" in (tables / "summary.md").read_text().lower()
+    chains = pd.read_csv(tables / "chains.csv").set_index("chain")
+    assert chains.loc["aa:30>bb:20>cc:20", "n_stages"] == 2
+    assert chains.loc["bb:30>cc:20", "n_stages"] == 1
+    assert chains.loc["aa:30>bb:20", "n_stages"] == 1
+    final = chains.loc[["aa:30>bb:20>cc:20", "bb:30>cc:20"]]
+    assert (final["n_pairs"] == 2).all() and final["mape_mean"].notna().all()
     figures = sorted(p.name for p in (study / "results" / "figures").iterdir())
+    assert {"chains_cgcnn.png", "chain_curves_cgcnn.png", "mpt_cgcnn.png"} <= set(figures)
     assert "pairwise_r2_cgcnn.png" in figures and "parity_cgcnn.pdf" in figures
     assert all((study / "results" / "figures" / f).stat().st_size > 1000 for f in figures)
 
@@ -101,3 +120,21 @@ def test_second_run_has_nothing_to_do_and_one_deleted_run_reruns_alone(study):
     rows = [line.split() for line in (plan.stdout + plan.stderr).splitlines()]
     counts = {row[0]: row[1] for row in rows if len(row) == 2 and row[1].isdigit()}
     assert counts == {"finetune": "1", "aggregate": "1", "figures": "1", "all": "1", "total": "4"}
+
+
+def test_a_two_stage_chain_leaves_three_checkpoints_with_their_lineage(study):
+    from tlmat.checkpoint import load_checkpoint
+
+    runs = study / "results" / "runs"
+    stages = [
+        runs / "pt/aa-30/t1",
+        runs / "chain/aa-30.bb-20/t1",
+        runs / "chain/aa-30.bb-20.cc-20/t1",
+    ]
+    table = pd.read_csv(study / "results/tables/runs.csv").set_index("run_id")
+    for depth, stage in enumerate(stages, start=1):
+        payload = load_checkpoint(stage / "model.pt")
+        assert len(payload["lineage"]) == depth
+        assert str(stage.relative_to(runs)) in table.index
+    assert table.loc["chain/aa-30.bb-20.cc-20/t1", "chain"] == "aa:30>bb:20>cc:20"
+    assert table.loc["chain/aa-30.bb-20.cc-20/t1", "kind"] == "chain"

@@ -119,6 +119,8 @@ PT_SWEEP_KEYS: tuple[str, ...] = GRID_KEYS
 STRATEGY_KEYS: tuple[str, ...] = (*GRID_KEYS, "strategy")
 LR_KEYS: tuple[str, ...] = (*GRID_KEYS, "lr")
 MPT_KEYS: tuple[str, ...] = ("model", "pt_dataset", "dataset", "size", "strategy")
+CHAIN_KEYS: tuple[str, ...] = ("model", "chain", "dataset", "size", "strategy")
+MAPE_COLUMNS: tuple[str, ...] = ("mape_mean", "mape_std", "mape_ci95")
 MPT_VS_PAIRWISE_COLUMNS: tuple[str, ...] = (
     "best_pairwise_source",
     "best_pairwise_r2_mean",
@@ -141,6 +143,7 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     "strategies": (*STRATEGY_KEYS, *STAT_COLUMNS, *GAIN_COLUMNS),
     "learning_rate": (*LR_KEYS, *STAT_COLUMNS, *GAIN_COLUMNS),
     "mpt": (*MPT_KEYS, *STAT_COLUMNS, *GAIN_COLUMNS, *MPT_VS_PAIRWISE_COLUMNS),
+    "chains": (*CHAIN_KEYS, "n_stages", *STAT_COLUMNS, *MAPE_COLUMNS, *GAIN_COLUMNS),
 }
 
 
@@ -523,6 +526,27 @@ def _vs_best_pairwise(
     }
 
 
+def chains_table(runs: pd.DataFrame, defaults: StudyDefaults) -> pd.DataFrame:
+    """Every chain stage (one row per chain prefix and trial group) with MAPE and gain.
+
+    ``chain`` is the whole path, e.g. ``fe:941>bg:2000>ebg:100``; one-stage transfer
+    (``bg:2000>ebg:100``) and scratch of the final target compare through the same gain
+    columns, paired per trial.
+    """
+    columns = list(TABLE_COLUMNS["chains"])
+    tl = _kind(runs, "chain")
+    if tl.empty:
+        return pd.DataFrame(columns=columns)
+    table = summarize_with_gain(tl, scratch_runs(runs, defaults), CHAIN_KEYS)
+    mape = [
+        {**row, **describe(group["test_mape"], "mape")}
+        for row, group in _group_rows(tl, CHAIN_KEYS)
+    ]
+    table = table.merge(pd.DataFrame(mape), on=list(CHAIN_KEYS), how="left")
+    table["n_stages"] = table["chain"].str.count(">")
+    return table[columns]
+
+
 def build_tables(runs: pd.DataFrame, defaults: StudyDefaults) -> dict[str, pd.DataFrame]:
     """All tables keyed by file stem (``runs`` included), in the order they are written."""
     return {
@@ -534,6 +558,7 @@ def build_tables(runs: pd.DataFrame, defaults: StudyDefaults) -> dict[str, pd.Da
         "strategies": strategies(runs, defaults),
         "learning_rate": learning_rate(runs, defaults),
         "mpt": mpt_table(runs, defaults),
+        "chains": chains_table(runs, defaults),
     }
 
 

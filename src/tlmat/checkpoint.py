@@ -91,3 +91,17 @@ def check_featurizer(payload: dict, settings: FeaturizerSettings, path: str | os
             f"{path}: pre-trained with featurizer {stored}, but this run uses {settings}; "
             "fine-tune with the same featurizer settings"
         )
+
+
+def check_architecture(payload: dict, arch: str, path: str | os.PathLike) -> None:
+    """Refuse a checkpoint of another architecture than the study's (``model.arch``).
+
+    Its fine-tunes would be compared with scratch baselines of a different model; an
+    external checkpoint (e.g. a published ALIGNN) needs ``model.arch`` set to match it.
+    """
+    stored = payload["model_config"].get("arch")
+    if stored != arch:
+        raise CheckpointError(
+            f"{path}: a {stored} model, but this study trains {arch} (model.arch); set "
+            f"model.arch: {stored} or fine-tune a {arch} checkpoint"
+        )

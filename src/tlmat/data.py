@@ -113,6 +113,41 @@ def load_dataset(spec: DatasetSpec, data_dir: str | os.PathLike | None) -> pd.Da
     raise DataError(f"datasets.{spec.key}: unknown source {spec.source!r}")
 
 
+def can_load(config: Mapping, key: str) -> bool:
+    """Whether a data set's records can be had: a local frame, a file path, or a download.
+
+    With ``data_dir`` set the study is taken to be offline: a data set then needs
+    ``<data_dir>/<key>.json.gz`` (or a ``path`` for source ``file``).
+    """
+    entry = config["datasets"][key]
+    if entry.get("source") == "file" and entry.get("path"):
+        return Path(entry["path"]).is_file()
+    data_dir = config.get("data_dir")
+    return data_dir is None or (Path(data_dir) / f"{key}.json.gz").is_file()
+
+
+def ood_targets(config: Mapping) -> list[str]:
+    """``study.ood_targets`` whose data can be had (the others are skipped with a notice)."""
+    usable = []
+    for key in config["study"].get("ood_targets", []):
+        if key not in config["datasets"]:
+            raise DataError(f"study.ood_targets: {key!r} is not in the 'datasets' registry")
+        if not config["datasets"][key].get("target_only", False):
+            raise DataError(
+                f"study.ood_targets: {key!r} must be marked target_only: true in 'datasets'"
+            )
+        if can_load(config, key):
+            usable.append(key)
+        else:
+            log.warning(
+                "study.ood_targets: %s skipped, %s/%s.json.gz not found (offline data_dir)",
+                key,
+                config.get("data_dir"),
+                key,
+            )
+    return usable
+
+
 def _load_matminer(spec: DatasetSpec) -> pd.DataFrame:
     from matminer.datasets import load_dataset as matminer_load
 
@@ -129,7 +164,6 @@ def _load_matminer(spec: DatasetSpec) -> pd.DataFrame:
 
 
 def _load_jarvis(spec: DatasetSpec) -> pd.DataFrame:
-    from jarvis.core.atoms import Atoms
     from jarvis.db.figshare import data as jarvis_data
 
     if not spec.name or not spec.target:
@@ -141,13 +175,31 @@ def _load_jarvis(spec: DatasetSpec) -> pd.DataFrame:
             f"datasets.{spec.key}: jarvis-tools could not load {spec.name!r} "
             f"({type(err).__name__}); when offline, put {spec.key}.json.gz into data_dir"
         ) from err
-    frame = pd.DataFrame(
-        {
-            "structure": [Atoms.from_dict(r["atoms"]).pymatgen_converter() for r in records],
-            "target": [r.get(spec.target) for r in records],
-        }
+    return jarvis_frame(records, spec.target, spec.key)
+
+
+def jarvis_frame(records: Sequence[Mapping], target: str, key: str = "jarvis") -> pd.DataFrame:
+    """A matminer-format frame from JARVIS-DFT records (``jarvis.db.figshare.data`` format).
+
+    Structures go through pymatgen's JARVIS adaptor; the index is the number of the JARVIS id
+    (``JVASP-76195`` -> 76195) so ids stay integers like every other data set's; JARVIS
+    writes missing values as ``"na"``, which cleaning then drops as non-numeric targets.
+    """
+    from jarvis.core.atoms import Atoms
+    from pymatgen.io.jarvis import JarvisAtomsAdaptor
+
+    if records and target not in records[0]:
+        raise DataError(f"datasets.{key}: JARVIS records have no field {target!r}")
+    ids, structures, targets = [], [], []
+    for n, record in enumerate(records):
+        jid = str(record.get("jid", n))
+        digits = "".join(ch for ch in jid.rsplit("-", 1)[-1] if ch.isdigit())
+        ids.append(int(digits) if digits else n)
+        structures.append(JarvisAtomsAdaptor.get_structure(Atoms.from_dict(record["atoms"])))
+        targets.append(record.get(target))
+    return pd.DataFrame(
+        {"structure": structures, "target": targets}, index=pd.Index(ids, dtype=np.int64)
     )
-    return frame
 
 
 def _select_columns(raw: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:

@@ -31,7 +31,7 @@ from pymatgen.analysis.structure_matcher import ElementComparator, StructureMatc
 from pymatgen.core import Structure
 from tqdm.auto import tqdm
 
-from tlmat.data import read_frame
+from tlmat.data import ood_targets, read_frame
 
 log = logging.getLogger(__name__)
 
@@ -271,6 +271,14 @@ def study_datasets(config: Mapping) -> list[str]:
             keys += [ds for pair in study[family]["pairs"] for ds in pair]
     if families.get("mpt"):
         keys += (study["mpt"].get("sources") or []) + (study["mpt"].get("targets") or [])
+    if families.get("chains"):
+        keys += [
+            stage.split(":")[0]
+            for chain in study.get("chains", [])
+            for stage in chain["stages"]
+            if not stage.startswith("ext:")
+        ]
+    keys += ood_targets(config)
     registry = config.get("datasets", {})
     return [ds for ds in dict.fromkeys(keys) if ds in registry]
 

@@ -14,7 +14,9 @@ Every figure is written per model as ``<name>_<model>.png`` and ``.pdf``:
 * ``learning_rate``: R² and MAE gain vs fine-tuning learning rate;
 * ``learning_curves``: train/validation loss of scratch runs, one panel per data set;
 * ``parity``: predicted vs true test values of the best run (highest R²) per target;
-* ``mpt``: R² of MPT fine-tunes next to the best pair-wise source and scratch per target.
+* ``mpt``: R² of MPT fine-tunes next to the best pair-wise source and scratch per target;
+* ``chains``: final-target R², MAE and MAPE of each multi-stage chain next to scratch;
+* ``chain_curves``: validation loss vs epoch of every stage of each chain.
 
 A family without data is skipped with a log message, so a partial study still gets figures.
 """
@@ -578,6 +580,90 @@ def plot_learning_curves(
     return save_figure(fig, out_dir, stem)
 
 
+# ----------------------------------------------------------------------------- chains
+
+
+def final_chains(table: pd.DataFrame) -> pd.DataFrame:
+    """Chain rows of the study's final targets: (dataset, size) cells no chain continues."""
+    prefixes = set(table["chain"])
+    return table[[not any(p.startswith(c + ">") for p in prefixes) for c in table["chain"]]]
+
+
+def plot_chains(table: pd.DataFrame, meta: Meta, out_dir: Path, stem: str) -> list[Path]:
+    """Final-target R², MAE and MAPE of each chain next to scratch (one-, two-stage...)."""
+    finals = final_chains(table).sort_values(["dataset", "size", "n_stages", "chain"])
+    cells = list(finals.groupby(["dataset", "size"], sort=True))
+    fig, axes = plt.subplots(
+        len(cells), 3, figsize=(12, 3.4 * len(cells)), squeeze=False, layout="constrained"
+    )
+    for row, ((dataset, size), group) in zip(axes, cells, strict=True):
+        labels = ["scratch", *(c.replace(">", " → ") for c in group["chain"])]
+        colors = [SCRATCH_COLOR, *sns.color_palette("tab10", len(group))]
+        scratch_mape = math.nan  # the chain table carries scratch R²/MAE means only
+        values = {
+            "R²": (
+                [group["scratch_r2_mean"].iloc[0], *group["r2_mean"]],
+                [0.0, *group["r2_std"].fillna(0.0)],
+            ),
+            "MAE": (
+                [group["scratch_mae_mean"].iloc[0], *group["mae_mean"]],
+                [0.0, *group["mae_std"].fillna(0.0)],
+            ),
+            "MAPE": ([scratch_mape, *group["mape_mean"]], [0.0, *group["mape_std"].fillna(0.0)]),
+        }
+        for ax, (metric, (mean, std)) in zip(row, values.items(), strict=True):
+            x = np.arange(len(labels))
+            ax.bar(x, mean, yerr=std, color=colors, capsize=2, edgecolor="white")
+            ax.set_xticks(x)
+            ax.set_xticklabels([textwrap.fill(label, 18) for label in labels], fontsize=7)
+            ax.set_ylabel(f"Test {metric}")
+            ax.set_title(f"{prop_label(dataset, meta, units=False)} (FT {size}): {metric}")
+    fig.suptitle("Multi-stage transfer: final target vs one-stage transfer and scratch")
+    return save_figure(fig, out_dir, stem)
+
+
+def plot_chain_curves(
+    table: pd.DataFrame, runs: pd.DataFrame, runs_dir: Path, meta: Meta, out_dir: Path, stem: str
+) -> list[Path]:
+    """Validation loss vs epoch of every stage of every chain (trial 1), as in ParAIsite.
+
+    Stage 1 is the pre-training run (its ``chain`` is ``<key>:<size>``); an external first
+    stage has no run and is left out.
+    """
+    chains = sorted(final_chains(table)["chain"].unique())
+    stage_runs = runs[runs["kind"].isin(["pretrain", "chain"])]
+    fig, axes = _facets(len(chains), ncols=2, size=(5.2, 3.6))
+    drawn = False
+    for ax, chain in zip(axes, chains, strict=True):
+        parts = chain.split(">")
+        for k in range(1, len(parts) + 1):
+            prefix = ">".join(parts[:k])
+            match = stage_runs[(stage_runs["chain"] == prefix) & (stage_runs["trial"] == 1)]
+            if match.empty:
+                continue
+            history = _read_run_csv(runs_dir, str(match["run_id"].iloc[0]), "history.csv")
+            if history is None or history.empty:
+                continue
+            ax.plot(
+                history["epoch"],
+                history["val_loss"],
+                marker=".",
+                lw=1.2,
+                label=f"stage {k}: {parts[k - 1]}",
+            )
+            drawn = True
+        ax.set_yscale("log")
+        ax.set_xlabel("Epoch")
+        ax.set_ylabel("Validation loss (MSE, standardized)")
+        ax.set_title(chain.replace(">", " → "), fontsize=9)
+        ax.legend(fontsize=7)
+    if not drawn:
+        plt.close(fig)
+        return _skip(stem, "no history.csv of chain stages")
+    fig.suptitle("Validation loss across the stages of each chain (trial 1)")
+    return save_figure(fig, out_dir, stem)
+
+
 def best_runs(runs: pd.DataFrame) -> pd.DataFrame:
     """The run with the highest test R² for each data set (any kind), sorted by data set."""
     valid = runs.dropna(subset=["test_r2"])
@@ -687,6 +773,8 @@ FIGURES: dict[str, str] = {
     "learning_curves": "runs",
     "parity": "runs",
     "mpt": "mpt",
+    "chains": "chains",
+    "chain_curves": "chains",
 }
 
 
@@ -716,6 +804,10 @@ def _draw(
             return plot_parity(t["runs"], runs_dir, meta, out, stem)
         case "mpt":
             return plot_mpt(t["mpt"], meta, out, stem)
+        case "chains":
+            return plot_chains(t["chains"], meta, out, stem)
+        case "chain_curves":
+            return plot_chain_curves(t["chains"], t["runs"], runs_dir, meta, out, stem)
     raise ValueError(f"unknown figure {name!r}")
 
 

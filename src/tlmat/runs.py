@@ -22,6 +22,7 @@ import torch
 
 import tlmat
 from tlmat.checkpoint import (
+    check_architecture,
     check_featurizer,
     load_checkpoint,
     model_from_checkpoint,
@@ -53,7 +54,7 @@ from tlmat.train import (
     predict,
     targets_of,
 )
-from tlmat.transfer import apply_strategy
+from tlmat.transfer import StrategyError, apply_strategy
 
 log = logging.getLogger(__name__)
 
@@ -242,9 +243,13 @@ def _build_or_load_model(config: Mapping, spec: RunSpec, featurizer: FeaturizerS
         )
         return build_model(model_config), []
     payload = load_checkpoint(spec.checkpoint)
+    check_architecture(payload, config["model"]["arch"], spec.checkpoint)
     check_featurizer(payload, featurizer, spec.checkpoint)
     model = model_from_checkpoint(payload, spec.checkpoint)
-    apply_strategy(model, spec.strategy, spec.dataset)
+    try:
+        apply_strategy(model, spec.strategy, spec.dataset)
+    except StrategyError as err:  # name the file: heads that do not fit the strategy
+        raise StrategyError(f"{spec.checkpoint}: {err}") from err
     return model, list(payload.get("lineage", []))
 
 

@@ -9,6 +9,7 @@ TABLE_NAMES = (
     "strategies",
     "learning_rate",
     "mpt",
+    "chains",
 )
 TABLES = [f"{RESULTS}/tables/{name}.csv" for name in TABLE_NAMES] + [
     f"{RESULTS}/tables/summary.md"
@@ -25,6 +26,8 @@ FIGURE_FAMILIES = {
     "learning_curves": None,
     "parity": None,
     "mpt": "mpt",
+    "chains": "chains",
+    "chain_curves": "chains",
 }
 FIGURE_STEMS = [
     f"{name}_{config['model']['arch']}"

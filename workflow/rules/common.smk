@@ -7,6 +7,7 @@ from pathlib import Path
 import yaml
 from snakemake.utils import min_version, validate
 
+from tlmat.data import ood_targets
 from tlmat.graphs import FeaturizerSettings
 
 min_version("9.0")
@@ -87,6 +88,29 @@ def is_source(key):
     return not config["datasets"][key].get("target_only", False)
 
 
+def _check_sources(where, keys):
+    """Target-only (out-of-domain) data sets are never pre-trained on."""
+    _check_keys(where, keys)
+    bad = sorted({k for k in keys if not is_source(k)})
+    if bad:
+        raise ValueError(
+            f"config: {where} uses target-only data set(s) {bad} as a pre-training source"
+        )
+
+
+_check_sources("study.pt_size_sweep.sources", STUDY["pt_size_sweep"]["sources"])
+for _family in ("strategies", "learning_rate"):
+    _check_sources(f"study.{_family}.pairs", [p[0] for p in STUDY[_family]["pairs"]])
+_check_sources("study.mpt.sources", STUDY["mpt"]["sources"] or [])
+# out-of-domain targets whose data can be had (offline without its file: skipped, noted)
+OOD = ood_targets(config)
+for _key in sorted(set(STUDY["ood_targets"]) - set(OOD)):
+    print(
+        f"tlmat: OOD target {_key} skipped: {config['data_dir']}/{_key}.json.gz not found",
+        file=sys.stderr,
+    )
+
+
 def pt_trial(trial):
     return (int(trial) - 1) % STUDY["pt_trials"] + 1
 
@@ -117,7 +141,7 @@ def finetune_runs():
     datasets = STUDY["datasets"]
     if FAMILIES["pairwise"]:
         for src in filter(is_source, datasets):
-            for ds in datasets:
+            for ds in [*datasets, *OOD]:
                 if ds != src:
                     for size in STUDY["ft_sizes"]:
                         for t in TRIALS:
@@ -258,7 +282,7 @@ def mpt_finetune_runs():
     if not FAMILIES["mpt"]:
         return []
     family = STUDY["mpt"]
-    targets = family["targets"] or STUDY["datasets"]
+    targets = family["targets"] or [*STUDY["datasets"], *OOD]
     _check_keys("study.mpt.targets", targets)
     _check_keys("study.mpt.sources", family["sources"] or [])
     runs = set()
@@ -295,3 +319,110 @@ METRICS += [f"{mpt_ft_dir(*run)}/metrics.json" for run in MPT_FINETUNES]
 
 wildcard_constraints:
     variant="all|without_[a-z0-9_]+",
+
+
+# ----------------------------------------------------------------------------- chains
+# Multi-stage transfer: stage 1 is a PT run (or an external checkpoint), every later stage
+# fine-tunes the previous one; run ids name the whole prefix: chain/fe-941.bg-2000/t1.
+
+
+def stage_tag(stage):
+    """ "fe:941" -> "fe-941", "ext:alignn" -> "ext_alignn" (the parts of a chain run id)."""
+    key, value = stage.split(":")
+    return f"ext_{value}" if key == "ext" else f"{key}-{value}"
+
+
+def external_checkpoint(name):
+    path = config["external_checkpoints"].get(name)
+    if path is None:
+        raise ValueError(
+            f"config: chain stage ext:{name} names no entry of external_checkpoints "
+            f"(known: {sorted(config['external_checkpoints'])})"
+        )
+    if not Path(path).is_file():
+        raise ValueError(f"config: external_checkpoints.{name}: file {path} not found")
+    return path
+
+
+def chain_dir(prefix, trial):
+    return f"{RUNS}/chain/{prefix}/t{trial}"
+
+
+def chain_checkpoint(prefix, trial):
+    """The checkpoint a chain stage fine-tunes: the previous stage's model."""
+    tags = prefix.split(".")
+    if len(tags) > 2:
+        return f"{chain_dir('.'.join(tags[:-1]), trial)}/model.pt"
+    if tags[0].startswith("ext_"):
+        return external_checkpoint(tags[0].removeprefix("ext_"))
+    src, size = tags[0].rsplit("-", 1)
+    return f"{pt_dir(src, size, pt_trial(trial))}/model.pt"
+
+
+def chain_runs():
+    """(prefix, trial) of every chain stage after the first; strategy per prefix."""
+    runs, strategy, first_stages = set(), {}, set()
+    if not FAMILIES["chains"]:
+        return [], strategy, first_stages
+    for n, chain in enumerate(STUDY["chains"]):
+        stages = chain["stages"]
+        where = f"study.chains[{n}]"
+        if any(s.startswith("ext:") for s in stages[1:]):
+            raise ValueError(f"config: {where}: only the first stage may be ext:<name>")
+        if stages[0].startswith("ext:"):
+            external_checkpoint(stages[0].split(":")[1])
+        else:
+            src, size = stages[0].split(":")
+            _check_sources(f"{where}.stages[0]", [src])
+            first_stages.add((src, int(size)))
+        _check_keys(f"{where}.stages", [s.split(":")[0] for s in stages[1:]])
+        tags = [stage_tag(s) for s in stages]
+        for k in range(2, len(tags) + 1):
+            prefix = ".".join(tags[:k])
+            if strategy.setdefault(prefix, chain["strategy"]) != chain["strategy"]:
+                raise ValueError(
+                    f"config: {where}: stage {prefix} is shared with another chain "
+                    "that uses another strategy"
+                )
+            runs |= {(prefix, t) for t in TRIALS}
+    return sorted(runs, key=str), strategy, first_stages
+
+
+CHAINS, CHAIN_STRATEGY, CHAIN_FIRST_STAGES = chain_runs()
+CHAIN_PRETRAINS = sorted(
+    {(src, size, pt_trial(t)) for src, size in CHAIN_FIRST_STAGES for t in TRIALS}
+    - set(PRETRAINS),
+    key=str,
+)
+PRETRAINS += CHAIN_PRETRAINS
+
+
+def final_stage(prefix):
+    """(data set, size) the last stage of a chain prefix fine-tunes on."""
+    ds, size = prefix.rsplit(".", 1)[-1].rsplit("-", 1)
+    return ds, int(size)
+
+
+# scratch baselines for the final target of every chain (what the chains are compared with)
+CHAIN_FINALS = {
+    ".".join(stage_tag(s) for s in chain["stages"])
+    for chain in (STUDY["chains"] if FAMILIES["chains"] else [])
+}
+CHAIN_SCRATCH = sorted(
+    {
+        (*final_stage(prefix), t)
+        for prefix in CHAIN_FINALS
+        for t in TRIALS
+        if FAMILIES["scratch"]
+    }
+    - set(SCRATCH),
+    key=str,
+)
+SCRATCH += CHAIN_SCRATCH
+METRICS += [f"{pt_dir(*run)}/metrics.json" for run in CHAIN_PRETRAINS]
+METRICS += [f"{scratch_dir(*run)}/metrics.json" for run in CHAIN_SCRATCH]
+METRICS += [f"{chain_dir(*run)}/metrics.json" for run in CHAINS]
+
+
+wildcard_constraints:
+    prefix=r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)+",

@@ -143,3 +143,32 @@ rule mpt_finetune:
         " --kind mpt_finetune --checkpoint {input.checkpoint} --strategy {wildcards.strategy}"
         " --lr {wildcards.lr} --dataset {wildcards.ds} --size {wildcards.size}"
         " --trial {wildcards.trial} --run-id {params.run_id} --out {params.out} > {log} 2>&1"
+
+
+rule chain_stage:
+    input:
+        checkpoint=lambda wc: chain_checkpoint(wc.prefix, wc.trial),
+        graphs=lambda wc: graphs(final_stage(wc.prefix)[0]),
+        splits=lambda wc: splits(final_stage(wc.prefix)[0]),
+    output:
+        **run_outputs(chain_dir("{prefix}", "{trial}")),
+    log:
+        f"{LOGS}/chain/{{prefix}}/t{{trial}}.log",
+    conda:
+        ENV
+    threads: STUDY["threads"]
+    resources:
+        gpu=GPU,
+    params:
+        config=CONFIG,
+        out=lambda wc, output: os.path.dirname(output.metrics),
+        train=TRAIN_PARAMS,
+        strategy=lambda wc: CHAIN_STRATEGY[wc.prefix],
+        dataset=lambda wc: final_stage(wc.prefix)[0],
+        size=lambda wc: final_stage(wc.prefix)[1],
+        run_id="chain/{prefix}/t{trial}",
+    shell:
+        "tlmat finetune --config {params.config} --set train.num_threads={threads} --no-progress --resume"
+        " --kind chain --checkpoint {input.checkpoint} --strategy {params.strategy}"
+        " --dataset {params.dataset} --size {params.size} --trial {wildcards.trial}"
+        " --run-id {params.run_id} --out {params.out} > {log} 2>&1"
