@@ -46,6 +46,10 @@ def mpt_sources(config: Mapping) -> list[str]:
     """Data sets MPT may pre-train on: ``study.mpt.sources``, else every study source."""
     study = config["study"]
     sources = study["mpt"]["sources"] or study["datasets"]
+    unknown = sorted(set(sources) - set(config["datasets"]))
+    if unknown:
+        where = "study.mpt.sources" if study["mpt"]["sources"] else "study.datasets"
+        raise DataError(f"{where}: {unknown} not in the 'datasets' registry")
     return [ds for ds in sources if not config["datasets"][ds].get("target_only", False)]
 
 
@@ -66,8 +70,10 @@ def variant_sources(config: Mapping, variant: str) -> list[str]:
 def mpt_variants(config: Mapping) -> list[str]:
     """``study.mpt.variants``, or ``all`` plus every leave-one-out variant when null."""
     variants = config["study"]["mpt"]["variants"]
-    if variants is None:
-        variants = [ALL, *(f"{WITHOUT}{ds}" for ds in mpt_sources(config))]
+    if variants is None:  # leave-one-out only where at least two sources remain
+        sources = mpt_sources(config)
+        loo = [f"{WITHOUT}{ds}" for ds in sources] if len(sources) > 2 else []
+        variants = [ALL, *loo]
     for variant in variants:
         if len(variant_sources(config, variant)) < 2 and variant != ALL:
             raise ValueError(f"study.mpt.variants: {variant!r} leaves fewer than two sources")
