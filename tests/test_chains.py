@@ -83,7 +83,7 @@ def test_jarvis_records_convert_like_pymatgens_jarvis_adaptor():
         np.testing.assert_allclose(structure.lattice.matrix, by_hand.lattice.matrix)
         np.testing.assert_allclose(structure.cart_coords, by_hand.cart_coords, atol=1e-8)
         assert [str(s) for s in structure.species] == atoms["elements"]
-    kept, counts = clean(frame, "jarvis2d")
+    kept, counts = clean(frame, "jarvis2d", drop_bad_records=True)
     assert counts["non_finite_target"] == 1 and list(kept.index) == [664, 76195]
     assert kept.loc[664, "target"] == pytest.approx(1.59)
 

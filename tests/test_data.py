@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import make_frame
+from pymatgen.core import Lattice, Structure
 
 from tlmat.data import (
     DataError,
@@ -72,7 +73,7 @@ def test_clean_counts_and_drops():
     duplicate = frame.loc[[4]].copy()
     duplicate.index = [100]
     frame = pd.concat([frame, duplicate])
-    cleaned, counts = clean(frame, "x")
+    cleaned, counts = clean(frame, "x", drop_bad_records=True)
     assert counts == {
         "input": 7,
         "duplicate_ids": 0,
@@ -134,3 +135,40 @@ def test_real_splits_file_matches_data(shared_data):
     made = make_splits(frame.index, "ph", 42, 0.1, splits["ph"])
     assert made["source"] == "published" and len(made["test"]) == 127
     assert len(subset_ids(made, frame.index, 800, 1)) == 800
+
+
+def _overlapping_structure() -> Structure:
+    return Structure(Lattice.cubic(4.0), ["Na", "Cl"], [[0, 0, 0], [0.05, 0.0, 0.0]])  # 0.2 Å
+
+
+@pytest.mark.parametrize(
+    ("broken", "reason"),
+    [
+        ({"target": float("inf")}, "id 2: target is not a finite number"),
+        ({"target": "n/a"}, "id 2: target is not a finite number"),
+        ({"structure": {"not": "a structure"}}, "id 2: unparsable structure"),
+        ({"structure": Structure(Lattice.cubic(3.0), [], [])}, "id 2: zero sites"),
+        ({"structure": _overlapping_structure()}, "id 2: atoms closer than 0.5 Å"),
+    ],
+)
+def test_a_bad_record_is_one_line_naming_the_data_set_id_and_fix(broken, reason):
+    frame = make_frame(5)
+    frame["target"] = frame["target"].astype(object)
+    for column, value in broken.items():
+        frame.at[2, column] = value
+    with pytest.raises(DataError) as info:
+        clean(frame, "pz")
+    message = str(info.value)
+    assert message.startswith("datasets.pz: 1 bad record(s): ") and reason in message
+    assert "drop_bad_records: true" in message and "\n" not in message
+    cleaned, counts = clean(frame, "pz", drop_bad_records=True)
+    assert 2 not in cleaned.index and counts["kept"] == 4
+
+
+def test_periodic_images_count_as_overlapping_atoms():
+    # 0.3 Å apart only through the periodic boundary
+    structure = Structure(Lattice.cubic(5.0), ["O", "O"], [[0.01, 0, 0], [0.95, 0, 0]])
+    frame = make_frame(3)
+    frame.at[1, "structure"] = structure
+    with pytest.raises(DataError, match="id 1: atoms closer than 0.5"):
+        clean(frame, "dc")

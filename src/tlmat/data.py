@@ -42,6 +42,7 @@ class DatasetSpec:
     label: str = ""
     units: str = ""
     target_only: bool = False
+    drop_bad_records: bool = False
 
     @classmethod
     def from_config(cls, config: Mapping, key: str) -> DatasetSpec:
@@ -209,13 +210,21 @@ def _select_columns(raw: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- cleaning
 
 
-def _as_structure(value: object) -> Structure | None:
-    """A Structure with at least one site, or None when the value cannot be one."""
+MIN_DISTANCE = 0.5  # Å: closer atoms are a broken record (overlapping sites), not a crystal
+
+
+def _as_structure(value: object) -> Structure | str:
+    """The record's Structure, or why it cannot be used (unparsable, no sites, overlapping)."""
     try:
         structure = value if isinstance(value, Structure) else Structure.from_dict(value)
-    except Exception:  # noqa: BLE001 - any malformed record is simply dropped
-        return None
-    return structure if len(structure) > 0 else None
+    except Exception as err:  # noqa: BLE001 - any malformed record is reported the same way
+        return f"unparsable structure ({type(err).__name__})"
+    if len(structure) == 0:
+        return "zero sites"
+    # periodic neighbour search (fast), self-pairs excluded: any pair closer than 0.5 Å
+    if len(structure.get_neighbor_list(MIN_DISTANCE)[0]):
+        return f"atoms closer than {MIN_DISTANCE} Å"
+    return structure
 
 
 def _fingerprint(structure: Structure, target: float) -> bytes:
@@ -229,8 +238,16 @@ def _fingerprint(structure: Structure, target: float) -> bytes:
     return b"|".join(parts)
 
 
-def clean(frame: pd.DataFrame, key: str) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Drop non-finite targets, unparsable/empty structures and exact duplicates.
+def clean(
+    frame: pd.DataFrame, key: str, drop_bad_records: bool = False
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Check every record; drop exact duplicates; bad records are an error unless dropped.
+
+    A bad record has a non-numeric/NaN/inf target, or a structure that cannot be parsed, has
+    zero sites or atoms closer than 0.5 Å. By default one is an error naming the data set,
+    the count, the first ids and the reason, since silently training on less data than asked
+    changes the study; ``datasets.<key>.drop_bad_records: true`` drops them instead (for
+    sources with known gaps, e.g. JARVIS writes missing values as "na").
 
     Returns the cleaned frame (integer index named ``id``) and the counts, which are logged.
     """
@@ -242,14 +259,17 @@ def clean(frame: pd.DataFrame, key: str) -> tuple[pd.DataFrame, dict[str, int]]:
     counts["duplicate_ids"] = counts["input"] - len(frame)
 
     targets = pd.to_numeric(frame["target"], errors="coerce").astype(float)
-    finite = np.isfinite(targets.to_numpy())
-    counts["non_finite_target"] = int((~finite).sum())
-    frame = frame[finite].assign(target=targets[finite])
-
+    reasons = pd.Series("", index=frame.index, dtype=object)
+    reasons[~np.isfinite(targets.to_numpy())] = "target is not a finite number"
     structures = frame["structure"].map(_as_structure)
-    parsed = structures.notna().to_numpy()
-    counts["bad_structure"] = int((~parsed).sum())
-    frame = frame[parsed].assign(structure=structures[parsed])
+    broken = structures.map(lambda s: isinstance(s, str))
+    reasons[broken & (reasons == "")] = structures[broken & (reasons == "")]
+    bad = reasons != ""
+    counts["non_finite_target"] = int((reasons == "target is not a finite number").sum())
+    counts["bad_structure"] = int(bad.sum()) - counts["non_finite_target"]
+    if bad.any() and not drop_bad_records:
+        raise DataError(_bad_records_message(key, reasons[bad]))
+    frame = frame[~bad].assign(target=targets[~bad], structure=structures[~bad])
 
     prints = [_fingerprint(s, t) for s, t in zip(frame["structure"], frame["target"], strict=True)]
     unique = ~pd.Series(prints, index=frame.index).duplicated(keep="first").to_numpy()
@@ -261,6 +281,15 @@ def clean(frame: pd.DataFrame, key: str) -> tuple[pd.DataFrame, dict[str, int]]:
     if counts["kept"] == 0:
         raise DataError(f"{key}: no usable records left after cleaning ({counts})")
     return frame, counts
+
+
+def _bad_records_message(key: str, reasons: pd.Series) -> str:
+    first = "; ".join(f"id {i}: {why}" for i, why in list(reasons.items())[:3])
+    more = f" (+{len(reasons) - 3} more)" if len(reasons) > 3 else ""
+    return (
+        f"datasets.{key}: {len(reasons)} bad record(s): {first}{more}; fix them in the data, "
+        f"or set datasets.{key}.drop_bad_records: true to drop them"
+    )
 
 
 # ----------------------------------------------------------------------------- splits

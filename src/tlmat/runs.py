@@ -87,7 +87,7 @@ def graphs_path(config: Mapping, key: str) -> Path:
 def prepare_dataset(config: Mapping, key: str) -> tuple[Path, Path]:
     """Load, clean and split one data set; writes the cleaned frame and its splits."""
     spec = DatasetSpec.from_config(config, key)
-    frame, _ = clean(load_dataset(spec, config.get("data_dir")), key)
+    frame, _ = clean(load_dataset(spec, config.get("data_dir")), key, spec.drop_bad_records)
     published = read_published_splits(config.get("splits_file"), key)
     frame, published = dedupe_prepared(frame, key, published)
     splits = make_splits(frame.index, key, config["seed"], config["test_fraction"], published)
