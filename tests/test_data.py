@@ -96,7 +96,11 @@ def test_generated_splits_are_seeded_and_disjoint():
     assert len(subset) == 50 and not set(subset) & set(a["test"])
     assert subset == subset_ids(a, ids, 50, trial=1)
     assert subset != subset_ids(a, ids, 50, trial=2)
-    capped = subset_ids(a, ids, 1000, trial=1)
+    with pytest.raises(
+        DataError, match=r"dc: a subset of 1000 was requested, but the data set has 200"
+    ):
+        subset_ids(a, ids, 1000, trial=1)
+    capped = subset_ids(a, ids, 1000, trial=1, cap=True)
     assert sorted(capped) == sorted(set(ids) - set(a["test"]))
 
 

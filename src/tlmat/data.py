@@ -381,17 +381,27 @@ def read_published_splits(path: str | os.PathLike | None, key: str) -> Mapping |
     return splits.get(key)
 
 
-def subset_ids(splits: Mapping, pool_ids: Sequence[int], size: int, trial: int) -> list[int]:
+def subset_ids(
+    splits: Mapping, pool_ids: Sequence[int], size: int, trial: int, cap: bool = False
+) -> list[int]:
     """The training subset (train + val) of ``size`` for ``trial``, outside the test set.
 
     Published subsets are used when the splits carry one for (trial, size); otherwise a
-    seeded draw from the pool. A request larger than the pool is capped with a log line.
+    seeded draw from the pool. A request larger than the pool is an error naming the data
+    set and sizes, except with ``cap`` (pre-training: "PT on up to N", as the paper's 100K
+    PT size is about the whole BG/FE pool), where it is capped with a log line.
     """
     published = splits.get("trials", {}).get(f"trial{trial}", {}).get(str(size))
     if published is not None:
         return [int(i) for i in published]
     test = set(splits["test"])
     pool = np.asarray(sorted(int(i) for i in pool_ids if int(i) not in test), dtype=np.int64)
+    if size > len(pool) and not cap:
+        raise DataError(
+            f"{splits['dataset']}: a subset of {size} was requested, but the data set has "
+            f"{len(pool) + len(test)} structures and {len(test)} are held out for test, "
+            f"leaving {len(pool)}; lower the FT size in the config or supply more data"
+        )
     if size > len(pool):
         log.warning(
             "%s: requested %d structures but the pool outside the test set holds %d; using all",

@@ -200,14 +200,19 @@ def pretrain_pool_exclusions(config: Mapping, ds: str) -> set[int]:
 
 
 def pretrain_subset_ids(
-    splits: Mapping, pool_ids: list[int], size: int, trial: int, excluded: set[int]
+    splits: Mapping,
+    pool_ids: list[int],
+    size: int,
+    trial: int,
+    excluded: set[int],
+    cap: bool = True,
 ) -> list[int]:
     """:func:`subset_ids` from the pool without ``excluded``.
 
     A published subset that contains excluded ids loses them (logged) rather than being
     refilled, so what remains is still exactly the published selection.
     """
-    chosen = subset_ids(splits, [i for i in pool_ids if i not in excluded], size, trial)
+    chosen = subset_ids(splits, [i for i in pool_ids if i not in excluded], size, trial, cap)
     kept = [i for i in chosen if i not in excluded]
     if len(kept) < len(chosen):
         log.info(
@@ -221,7 +226,9 @@ def pretrain_subset_ids(
 def _split_graphs(
     config: Mapping, spec: RunSpec, cache: GraphCache, splits: Mapping, excluded: set[int]
 ):
-    subset = pretrain_subset_ids(splits, cache.ids.tolist(), spec.size, spec.trial, excluded)
+    # only pre-training sizes are "up to": a too-large FT size is an error
+    cap = spec.kind == "pretrain"
+    subset = pretrain_subset_ids(splits, cache.ids.tolist(), spec.size, spec.trial, excluded, cap)
     train_ids, val_ids = train_val_split(
         subset, config["val_fraction"], config["seed"], spec.dataset, spec.size, spec.trial
     )
