@@ -400,3 +400,32 @@ def test_write_tables_empty_families_have_headers(tmp_path: Path) -> None:
         assert list(table.columns) == list(columns), name
     assert len(pd.read_csv(out / "pairwise_grid.csv")) == 0
     assert len(pd.read_csv(out / "scratch.csv")) == 1
+
+
+def test_negative_transfer_flags_significantly_worse_tl_only() -> None:
+    keys = ["model", "pt_dataset", "dataset", "size"]
+
+    def runs(kind, pt, maes):
+        return pd.DataFrame(
+            {
+                "model": "m",
+                "pt_dataset": pt,
+                "dataset": "d",
+                "size": 10,
+                "kind": kind,
+                "trial": [1, 2, 3],
+                "test_r2": [0.5, 0.5, 0.5],
+                "test_mae": maes,
+            }
+        )
+
+    scratch = runs("scratch", None, [1.0, 1.1, 0.9])
+    worse = runs("finetune", "bad", [1.5, 1.62, 1.41])  # worse in every trial, consistently
+    better = runs("finetune", "good", [0.5, 0.6, 0.45])
+    noisy = runs("finetune", "noisy", [1.2, 0.8, 1.0])  # worse on average, not significantly
+    table = aggregate.summarize_with_gain(pd.concat([worse, better, noisy]), scratch, keys)
+    flags = dict(zip(table["pt_dataset"], table["negative_transfer"], strict=True))
+    assert flags == {"bad": True, "good": False, "noisy": False}
+    bad = table.set_index("pt_dataset").loc["bad"]
+    assert bad["p_value"] < aggregate.ALPHA and bad["gain_mae"] < 0
+    assert table["test"].str.startswith("paired t-test").all()

@@ -107,7 +107,10 @@ GAIN_COLUMNS: tuple[str, ...] = (
     "gain_mae_std",
     "p_value",
     "test",
+    "negative_transfer",
 )
+#: significance level of the ``negative_transfer`` flag
+ALPHA = 0.05
 PAIR_KEYS: tuple[str, ...] = ("model", "dataset", "size", "trial")
 PAIRED_TEST = "paired t-test (scipy.stats.ttest_rel, two-sided) on test MAE, TL vs scratch"
 SCRATCH_SOURCE = "scratch"
@@ -338,6 +341,13 @@ def _gain_row(paired: pd.DataFrame) -> dict[str, Any]:
     }
 
 
+def negative_transfer(gain_mae: pd.Series, p_value: pd.Series) -> pd.Series:
+    """TL significantly worse than scratch: MAE gain < 0 and paired p < ALPHA (NaN p: False)."""
+    gain = pd.to_numeric(gain_mae, errors="coerce")
+    p = pd.to_numeric(p_value, errors="coerce")
+    return ((gain < 0) & (p < ALPHA)).fillna(False).astype(bool)
+
+
 def summarize_with_gain(
     tl: pd.DataFrame, scratch: pd.DataFrame, keys: Sequence[str]
 ) -> pd.DataFrame:
@@ -354,6 +364,7 @@ def summarize_with_gain(
     out = summary.merge(gains, on=list(keys), how="left")
     out["n_pairs"] = pd.to_numeric(out["n_pairs"]).fillna(0).astype(int)
     out["test"] = PAIRED_TEST
+    out["negative_transfer"] = negative_transfer(out["gain_mae"], out["p_value"])
     return out[[*keys, *STAT_COLUMNS, *GAIN_COLUMNS]]
 
 
