@@ -11,6 +11,12 @@ DATA_DIR ?=
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 SNAKE_ARGS ?=
+PRESET ?= quick
+PRESETS := $(basename $(notdir $(wildcard presets/*.yaml)))
+# PRESET names presets/<name>.yaml for `make demo` (default quick): an unknown one is one line
+ifeq ($(wildcard presets/$(PRESET).yaml),)
+$(error unknown PRESET '$(PRESET)': there is no presets/$(PRESET).yaml (available: $(PRESETS)))
+endif
 # rules call `tlmat`: the venv's bin must be on PATH for Snakemake's shell commands
 export PATH := $(abspath $(BIN)):$(PATH)
 
@@ -38,7 +44,7 @@ lint: install
 	$(BIN)/snakemake --lint --configfile presets/quick.yaml $(DEMO_CONFIG)
 
 demo: install
-	$(BIN)/snakemake --cores $(CORES) --configfile presets/quick.yaml $(DEMO_CONFIG) $(SNAKE_ARGS)
+	$(BIN)/snakemake --cores $(CORES) --configfile presets/$(PRESET).yaml $(DEMO_CONFIG) $(SNAKE_ARGS)
 
 study: install
 	$(BIN)/snakemake --cores $(CORES) $(SNAKE_ARGS)

@@ -13,6 +13,12 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/aggregate.smk"
 
 
+# on a cluster these run where snakemake runs (cheap, and they read thousands of files)
+localrules:
+    aggregate,
+    figures,
+
+
 rule all:
     default_target: True
     input:

@@ -217,6 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    if os.environ.get("SLURM_JOB_ID"):
+        logging.getLogger("tlmat").info("running in SLURM job %s", os.environ["SLURM_JOB_ID"])
     try:
         _dispatch(args)
     except USER_ERRORS as err:

@@ -331,7 +331,7 @@ def execute_run(config: Mapping, spec: RunSpec, progress: bool | None = None) ->
 
 def resume_state(config: Mapping, spec: RunSpec, seed: int, settings: TrainSettings) -> Resume:
     """Per-epoch state of a run in ``<out>/.resume.pt``, tagged so only the same run resumes it."""
-    Path(spec.out_dir).mkdir(parents=True, exist_ok=True)
+    ensure_writable(Path(spec.out_dir))
     return Resume(
         path=Path(spec.out_dir) / ".resume.pt",
         tag=f"{spec.run_id}|{seed}|{config_hash(config)}",
@@ -355,6 +355,7 @@ def base_metrics(config: Mapping, spec: RunSpec, seed: int, model: torch.nn.Modu
         "pt_trial": None,
         "strategy": None,
         "device": str(resolve_model_device(model)),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),  # provenance on clusters
         "versions": versions(),
         "config_hash": config_hash(config),
     }
@@ -376,12 +377,31 @@ def versions() -> dict[str, str]:
     }
 
 
-def write_run(spec, model, featurizer, scalers, metrics, predictions, history, lineage) -> None:
-    """Write every output under a temporary name, then rename, ``metrics.json`` last."""
-    out = Path(spec.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    temporary = {name: out / f".{name}.partial" for name in RUN_FILES}
+def ensure_writable(out: Path) -> None:
+    """Fail before training, not after, when the run directory cannot be written."""
+    probe = Path(out) / ".write-test"
     try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise OSError(
+            f"{out}: cannot write the run directory ({err.strerror or err}); "
+            "choose a writable results_dir or free space"
+        ) from None
+
+
+def write_run(spec, model, featurizer, scalers, metrics, predictions, history, lineage) -> None:
+    """Write every output under a temporary name, then rename, ``metrics.json`` last.
+
+    On any failure (disk full, permissions) nothing of this attempt is left behind, so no
+    run can look finished without its metrics.json being the last thing written.
+    """
+    out = Path(spec.out_dir)
+    temporary = {name: out / f".{name}.partial" for name in RUN_FILES}
+    moved: list[Path] = []
+    try:
+        out.mkdir(parents=True, exist_ok=True)
         save_checkpoint(
             temporary["model.pt"], model, featurizer, dict(scalers), spec.run_id, lineage
         )
@@ -390,6 +410,14 @@ def write_run(spec, model, featurizer, scalers, metrics, predictions, history, l
         temporary["metrics.json"].write_text(json.dumps(metrics, indent=2, default=_json_default))
         for name in RUN_FILES:
             os.replace(temporary[name], out / name)
+            moved.append(out / name)
+    except OSError as err:
+        for path in moved:
+            path.unlink(missing_ok=True)
+        raise OSError(
+            f"{out}: cannot write the run outputs ({err.strerror or err}); nothing was kept; "
+            "free space or fix permissions, then rerun"
+        ) from None
     finally:
         for path in temporary.values():
             path.unlink(missing_ok=True)

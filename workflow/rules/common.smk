@@ -26,7 +26,13 @@ FT_LR = config["finetune"]["lr"] or config["train"]["lr"]
 FT_STRATEGY = config["finetune"]["strategy"]
 # GPUs: training jobs ask for one only when a limit is given (--resources gpu=N or a
 # profile's resources), so plain CPU runs are never held back by a resource nobody has
-GPU = 1 if "gpu" in workflow.global_resources else 0
+def _gpu_limit():
+    limit = workflow.global_resources.get("gpu")
+    value = getattr(limit, "value", limit)  # Snakemake 9 wraps limits in Resource
+    return value if isinstance(value, int) else 0
+
+
+GPU = 1 if _gpu_limit() > 0 else 0
 GRAPH_KEY = FeaturizerSettings.from_dict(config["featurizer"]).cache_key()
 
 
@@ -121,6 +127,12 @@ def lr_tag(lr):
         return f"{float(lr):g}"
     except ValueError:
         return lr
+
+
+def pt_group(src, pt_size, trial):
+    """Cluster group of a PT model and every fine-tune of it: one sbatch job on SLURM
+    (connected through the model file); local runs ignore groups."""
+    return f"pt.{src}-{pt_size}-t{trial}"
 
 
 def scratch_dir(ds, size, trial):

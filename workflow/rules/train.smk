@@ -35,6 +35,8 @@ rule pretrain:
         **run_outputs(pt_dir("{src}", "{pt_size}", "{trial}")),
     log:
         f"{LOGS}/pt/{{src}}-{{pt_size}}/t{{trial}}.log",
+    group:
+        lambda wc: pt_group(wc.src, wc.pt_size, wc.trial)
     conda:
         ENV
     threads: STUDY["threads"]
@@ -66,6 +68,8 @@ rule finetune:
         ),
     log:
         f"{LOGS}/ft/pt-{{src}}-{{pt_size}}/ft-{{ds}}-{{size}}/{{strategy}}-lr{{lr}}/t{{trial}}.log",
+    group:
+        lambda wc: pt_group(wc.src, wc.pt_size, pt_trial(wc.trial))
     conda:
         ENV
     threads: STUDY["threads"]
