@@ -23,6 +23,8 @@ cleanup() {
     log "FAILED (exit $code); daemon logs:"
     tail -n 20 "$WORK"/state/*.log 2>/dev/null || true
   fi
+  if [[ -e "$WORK/slurm.conf.orig" ]]; then cp -p "$WORK/slurm.conf.orig" /etc/slurm/slurm.conf;
+  else rm -f /etc/slurm/slurm.conf; fi
   rm -rf "$WORK"
   exit $code
 }
@@ -38,7 +40,11 @@ fi
 HOST="$(hostname -s)"
 MEM_MB=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 2048 ))
 mkdir -p "$WORK/state/spool" "$WORK/state/ctld" "$WORK/munge"
-CONF="$WORK/slurm.conf"
+# srun inside the jobs reads the default location (SLURM_CONF does not reach job steps):
+# write /etc/slurm/slurm.conf, keeping any existing one to put back on exit
+CONF=/etc/slurm/slurm.conf
+mkdir -p /etc/slurm
+[[ -e "$CONF" ]] && cp -p "$CONF" "$WORK/slurm.conf.orig"
 cat >"$CONF" <<CONF
 ClusterName=tlmat
 SlurmctldHost=$HOST
@@ -75,7 +81,8 @@ chmod 400 "$WORK/munge/munge.key"
 MUNGE_SOCKET=/run/munge/munge.socket.2
 mkdir -p /run/munge
 munged --foreground --force --key-file="$WORK/munge/munge.key" --socket="$MUNGE_SOCKET" \
-  --pid-file="$WORK/munge/munged.pid" --log-file="$WORK/state/munged.log" --seed-file="$WORK/munge/seed" &
+  --pid-file="$WORK/munge/munged.pid" --log-file="$WORK/state/munged.log" \
+  --seed-file="$WORK/munge/seed" >"$WORK/state/munged.out" 2>&1 &
 PIDS+=($!)
 for _ in $(seq 50); do [[ -S "$MUNGE_SOCKET" ]] && break; sleep 0.1; done
 slurmctld -D -f "$CONF" >"$WORK/state/slurmctld.out" 2>&1 &
