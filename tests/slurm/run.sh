@@ -16,6 +16,10 @@ log() { echo "[slurm-test $(date +%T)] $*"; }
 
 cleanup() {
   local code=$?
+  # snakemake (and its job steps) started from the work dir, then the daemons
+  for pid in $(pgrep -f snakemake || true); do
+    [[ "$(readlink "/proc/$pid/cwd" 2>/dev/null)" == "$WORK"* ]] && kill "$pid" 2>/dev/null || true
+  done
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
   sleep 1
   for pid in "${PIDS[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
@@ -29,6 +33,7 @@ cleanup() {
   exit $code
 }
 trap cleanup EXIT
+trap 'exit 143' TERM INT   # timeout/ctrl-c: exit through cleanup
 
 log "installing slurm and munge (apt)"
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
@@ -104,9 +109,12 @@ export PATH="$BIN:$PATH"
 SNAKE=("$BIN/snakemake" --snakefile "$ROOT/Snakefile" --configfile tiny.yaml)
 
 log "running it through SLURM (profiles/slurm, CPU-only: --resources gpu=0)"
+# the profile's allocations are sized for real clusters (32 GB, 4 CPUs for pre-training);
+# this node has 2 CPUs, so every job asks for 1 CPU and 1 GB here
 (cd "$WORK/cluster" && "${SNAKE[@]}" --workflow-profile "$ROOT/profiles/slurm" \
   --resources gpu=0 --slurm-status-command squeue --slurm-init-seconds-before-status-checks 5 \
-  --jobs 4 >"$WORK/cluster.log" 2>&1) || { tail -n 60 "$WORK/cluster.log"; exit 1; }
+  --default-resources mem_mb=1000 runtime=30 cpus_per_task=1 --set-resources prepare:mem_mb=1000 \
+  --set-threads pretrain=1 --jobs 4 >"$WORK/cluster.log" 2>&1) || { tail -n 60 "$WORK/cluster.log"; exit 1; }
 
 log "running the same config locally (--cores 2)"
 (cd "$WORK/local" && "${SNAKE[@]}" --workflow-profile "$ROOT/profiles/default" --cores 2 \
@@ -128,6 +136,7 @@ chmod +x "$WORK/shim/sbatch"
 export SBATCH_RECORD="$WORK/gpu-submissions.txt"
 (cd "$WORK/cluster" && PATH="$WORK/shim:$PATH" "${SNAKE[@]}" --workflow-profile "$ROOT/profiles/slurm" \
   --forcerun pretrain --until pretrain --retries 0 --jobs 1 --slurm-status-command squeue \
+  --default-resources mem_mb=1000 runtime=30 cpus_per_task=1 --set-threads pretrain=1 \
   >"$WORK/gpu.log" 2>&1) || true
 grep -q -- "--gpus=1\|--gres=gpu" "$SBATCH_RECORD" || {
   log "no GPU request in the pretrain submission:"; cat "$SBATCH_RECORD" || true; exit 1; }
