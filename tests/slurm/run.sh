@@ -17,12 +17,13 @@ log() { echo "[slurm-test $(date +%T)] $*"; }
 cleanup() {
   local code=$?
   # snakemake (and its job steps) started from the work dir, then the daemons
+  local mine=()
   for pid in $(pgrep -f snakemake || true); do
-    [[ "$(readlink "/proc/$pid/cwd" 2>/dev/null)" == "$WORK"* ]] && kill "$pid" 2>/dev/null || true
+    [[ "$(readlink "/proc/$pid/cwd" 2>/dev/null)" == "$WORK"* ]] && mine+=("$pid")
   done
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  sleep 1
-  for pid in "${PIDS[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
+  for pid in "${mine[@]}" "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  sleep 2
+  for pid in "${mine[@]}" "${PIDS[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
   if [[ $code -ne 0 && -d "$WORK" ]]; then
     log "FAILED (exit $code); daemon logs:"
     tail -n 20 "$WORK"/state/*.log 2>/dev/null || true
@@ -114,7 +115,7 @@ log "running it through SLURM (profiles/slurm, CPU-only: --resources gpu=0)"
 (cd "$WORK/cluster" && "${SNAKE[@]}" --workflow-profile "$ROOT/profiles/slurm" \
   --resources gpu=0 --slurm-status-command squeue --slurm-init-seconds-before-status-checks 5 \
   --default-resources mem_mb=1000 runtime=30 cpus_per_task=1 --set-resources prepare:mem_mb=1000 \
-  --set-threads pretrain=1 --jobs 4 >"$WORK/cluster.log" 2>&1) || { tail -n 60 "$WORK/cluster.log"; exit 1; }
+  --set-threads pretrain=1 --cores 2 --jobs 4 >"$WORK/cluster.log" 2>&1) || { tail -n 60 "$WORK/cluster.log"; exit 1; }
 
 log "running the same config locally (--cores 2)"
 (cd "$WORK/local" && "${SNAKE[@]}" --workflow-profile "$ROOT/profiles/default" --cores 2 \
