@@ -30,6 +30,8 @@ cleanup() {
   fi
   if [[ -e "$WORK/slurm.conf.orig" ]]; then cp -p "$WORK/slurm.conf.orig" /etc/slurm/slurm.conf;
   else rm -f /etc/slurm/slurm.conf; fi
+  if [[ -e "$WORK/gres.conf.orig" ]]; then cp -p "$WORK/gres.conf.orig" /etc/slurm/gres.conf;
+  else rm -f /etc/slurm/gres.conf; fi
   rm -rf "$WORK"
   exit $code
 }
@@ -51,6 +53,10 @@ mkdir -p "$WORK/state/spool" "$WORK/state/ctld" "$WORK/munge"
 CONF=/etc/slurm/slurm.conf
 mkdir -p /etc/slurm
 [[ -e "$CONF" ]] && cp -p "$CONF" "$WORK/slurm.conf.orig"
+[[ -e /etc/slurm/gres.conf ]] && cp -p /etc/slurm/gres.conf "$WORK/gres.conf.orig"
+# one GPU declared as a generic resource (no device behind it: nothing here asks for it but
+# the `sbatch --test-only` check of the GPU submissions below)
+printf "AutoDetect=off\nNodeName=$HOST Name=gpu File=/dev/null Count=1\n" >/etc/slurm/gres.conf
 cat >"$CONF" <<CONF
 ClusterName=tlmat
 SlurmctldHost=$HOST
@@ -66,6 +72,7 @@ SchedulerType=sched/backfill
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
+GresTypes=gpu
 MinJobAge=86400
 ReturnToService=2
 SlurmctldPort=6817
@@ -76,7 +83,7 @@ SlurmctldPidFile=$WORK/state/slurmctld.pid
 SlurmdPidFile=$WORK/state/slurmd.pid
 SlurmctldLogFile=$WORK/state/slurmctld.log
 SlurmdLogFile=$WORK/state/slurmd.log
-NodeName=$HOST CPUs=2 RealMemory=$MEM_MB State=UNKNOWN
+NodeName=$HOST CPUs=2 RealMemory=$MEM_MB Gres=gpu:1 State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 CONF
 export SLURM_CONF="$CONF"
@@ -137,9 +144,12 @@ chmod +x "$WORK/shim/sbatch"
 export SBATCH_RECORD="$WORK/gpu-submissions.txt"
 (cd "$WORK/cluster" && PATH="$WORK/shim:$PATH" "${SNAKE[@]}" --workflow-profile "$ROOT/profiles/slurm" \
   --forcerun pretrain --until pretrain --retries 0 --jobs 1 --slurm-status-command squeue \
-  --default-resources mem_mb=1000 runtime=30 cpus_per_task=1 --set-threads pretrain=1 \
+  --default-resources mem_mb=1000 runtime=30 cpus_per_task=1 --set-resources pretrain:mem_mb=1000 \
+  --set-threads pretrain=1 \
   >"$WORK/gpu.log" 2>&1) || true
 grep -q -- "--gpus=1\|--gres=gpu" "$SBATCH_RECORD" || {
   log "no GPU request in the pretrain submission:"; cat "$SBATCH_RECORD" || true; exit 1; }
+grep -q "to start at" "$SBATCH_RECORD.test" || {
+  log "sbatch --test-only refused the GPU submission:"; cat "$SBATCH_RECORD.test"; exit 1; }
 log "pretrain submission: $(grep -o -- '--gpus=[0-9]*\|--gres=gpu[:0-9]*' "$SBATCH_RECORD" | head -1); test-only said: $(head -n 1 "$SBATCH_RECORD.test")"
 log "OK"

@@ -19,7 +19,7 @@ STUDY = {
     "train": {"epochs": 2, "batch_size": 16},
     "study": {
         "datasets": KEYS,
-        "trials": 2,
+        "trials": 1,
         "ft_sizes": [20],
         "pt_size": 30,
         "ood_targets": [],
