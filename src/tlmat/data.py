@@ -295,8 +295,9 @@ def _bad_records_message(key: str, reasons: pd.Series) -> str:
 # ----------------------------------------------------------------------------- splits
 
 
-def _rng(seed: int, *labels: object) -> np.random.Generator:
-    """A generator keyed by the seed and labels (stable across runs and processes)."""
+def seeded_rng(seed: int, *labels: object) -> np.random.Generator:
+    """A generator keyed by the config seed and labels: the one derivation of every random
+    choice (splits, subsets, model initialisation), stable across runs and processes."""
     keys = [seed] + [zlib.crc32(str(label).encode()) for label in labels]
     return np.random.default_rng(keys)
 
@@ -346,7 +347,7 @@ def make_splits(
             100 * test_fraction,
         )
     n_test = max(1, round(test_fraction * len(id_array)))
-    test_ids = _rng(seed, key, "test").choice(id_array, size=n_test, replace=False)
+    test_ids = seeded_rng(seed, key, "test").choice(id_array, size=n_test, replace=False)
     return {
         "dataset": key,
         "source": "generated",
@@ -410,7 +411,7 @@ def subset_ids(
             len(pool),
         )
         size = len(pool)
-    chosen = _rng(splits["seed"], splits["dataset"], "subset", trial, size).choice(
+    chosen = seeded_rng(splits["seed"], splits["dataset"], "subset", trial, size).choice(
         pool, size=size, replace=False
     )
     return [int(i) for i in chosen]
@@ -424,5 +425,5 @@ def train_val_split(
     if len(ids) < 2:
         raise DataError(f"a subset of {len(ids)} structure(s) cannot be split into train and val")
     n_val = min(max(1, round(val_fraction * len(ids))), len(ids) - 1)
-    order = _rng(seed, "val", *labels).permutation(len(ids))
+    order = seeded_rng(seed, "val", *labels).permutation(len(ids))
     return [int(i) for i in ids[order[n_val:]]], [int(i) for i in ids[order[:n_val]]]

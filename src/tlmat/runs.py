@@ -37,6 +37,7 @@ from tlmat.data import (
     make_splits,
     read_frame,
     read_published_splits,
+    seeded_rng,
     subset_ids,
     train_val_split,
     write_frame,
@@ -158,8 +159,8 @@ class RunSpec:
 
 def run_seed(config: Mapping, spec: RunSpec) -> int:
     """Model-initialisation and shuffling seed of a run, derived from the config seed."""
-    labels = f"{spec.dataset}|{spec.size}|{spec.trial}|{spec.kind}"
-    return int(np.random.default_rng([config["seed"], *labels.encode()]).integers(2**31))
+    rng = seeded_rng(config["seed"], "run", spec.dataset, spec.size, spec.trial, spec.kind)
+    return int(rng.integers(2**31))
 
 
 def _train_settings(config: Mapping, spec: RunSpec) -> TrainSettings:
