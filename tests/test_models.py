@@ -332,3 +332,24 @@ def test_cgcnn_uses_pyg_cgconv(graphs: list[Data]) -> None:
     out = model(Batch.from_data_list(graphs))["target"]
     out.sum().backward()
     assert out.shape == (len(graphs),) and torch.isfinite(out).all()
+
+
+def test_cgcnn_conv_is_the_original_layer_with_normalized_gate_and_core() -> None:
+    """softplus comes after: x + BN(sum_j sigmoid(BN(W_f z)) * softplus(BN(W_s z))),
+    z = [x_i, x_j, e_ij], batch statistics in training mode (Xie & Grossman's ConvLayer)."""
+    from tlmat.models.cgcnn import CGCNNConv
+
+    torch.manual_seed(0)
+    conv = CGCNNConv(8, dim=4).train()
+    x = 10 * torch.randn(5, 8)
+    edge_index = torch.tensor([[0, 1, 2, 3, 4, 0, 2], [1, 2, 3, 4, 0, 2, 0]])
+    edge_attr = torch.randn(7, 4)
+    src, dst = edge_index
+    z = torch.cat([x[dst], x[src], edge_attr], dim=1)
+
+    def bn(t: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(t, None, None, training=True)
+
+    messages = torch.sigmoid(bn(conv.lin_f(z))) * F.softplus(bn(conv.lin_s(z)))
+    summed = torch.zeros_like(x).index_add_(0, dst, messages)
+    assert torch.allclose(conv(x, edge_index, edge_attr), x + bn(summed), atol=1e-5)

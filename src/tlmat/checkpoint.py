@@ -18,7 +18,8 @@ from tlmat.graphs import FeaturizerSettings
 from tlmat.models import ModelConfig, TLModel, build_model
 from tlmat.train import TargetScaler
 
-CHECKPOINT_FORMAT = 1
+# 2: CGCNN convolutions normalize their gate/core pre-activations (new weights)
+CHECKPOINT_FORMAT = 2
 
 
 class CheckpointError(ValueError):
@@ -65,7 +66,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if payload["format_version"] != CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"{path}: checkpoint format {payload['format_version']} is not supported "
-            f"(this tlmat reads format {CHECKPOINT_FORMAT})"
+            f"(this tlmat reads format {CHECKPOINT_FORMAT}); train it again with this version"
         )
     return payload
 
@@ -103,5 +104,6 @@ def check_architecture(payload: dict, arch: str, path: str | os.PathLike) -> Non
     if stored != arch:
         raise CheckpointError(
             f"{path}: a {stored} model, but this study trains {arch} (model.arch); set "
-            f"model.arch: {stored} or fine-tune a {arch} checkpoint"
+            f"model.arch: {stored} (--set model.arch={stored}) or fine-tune a checkpoint "
+            f"trained with model.arch {arch}"
         )
