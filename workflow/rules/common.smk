@@ -24,6 +24,8 @@ LOGS = f"{RESULTS}/logs"
 TRIALS = list(range(1, STUDY["trials"] + 1))
 FT_LR = config["finetune"]["lr"] or config["train"]["lr"]
 FT_STRATEGY = config["finetune"]["strategy"]
+
+
 # GPUs: training jobs ask for one only when a limit is given (--resources gpu=N or a
 # profile's resources), so plain CPU runs are never held back by a resource nobody has
 def _gpu_limit():
