@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from conftest import make_frame
@@ -9,6 +12,7 @@ from conftest import make_frame
 from tlmat.config import load_config
 from tlmat.data import write_frame
 
+ROOT = Path(__file__).parents[1]
 TINY_MODEL = "model={arch: alignn, hidden: 32, embedding: 16, alignn_layers: 1, gcn_layers: 1}"
 
 
@@ -34,3 +38,44 @@ def tiny_config(root: Path, keys: list[str], *extra: str) -> dict:
             *extra,
         ],
     )
+
+
+def pairwise_study(keys: list[str], trials: int) -> dict:
+    """A workflow config (tiny CGCNN, 2 epochs) with scratch, PT and pair-wise FT only."""
+    return {
+        "data_dir": "data",
+        "datasets": {k: {"source": "file", "label": k.upper(), "units": "eV"} for k in keys},
+        "model": {"arch": "cgcnn", "hidden": 16, "gcn_layers": 1, "readout_layers": 1},
+        "train": {"epochs": 2, "batch_size": 16},
+        "study": {
+            "datasets": list(keys),
+            "trials": trials,
+            "ft_sizes": [20],
+            "pt_size": 30,
+            "ood_targets": [],
+            "families": dict.fromkeys(
+                ["pt_size_sweep", "strategies", "learning_rate", "mpt", "chains"], False
+            ),
+        },
+    }
+
+
+def run_snakemake(workdir: Path, *args: str, cores: str = "2") -> subprocess.CompletedProcess:
+    """The study's Snakefile on ``workdir/tiny.yaml``, with this interpreter's bin on PATH
+    (the rules call ``tlmat``)."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    command = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(ROOT / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(workdir / "tiny.yaml"),
+        "--cores",
+        cores,
+        *args,
+    ]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=workdir)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import synthetic_data_dir, tiny_config
+from helpers import pairwise_study, run_snakemake, synthetic_data_dir, tiny_config
 
 from tlmat import runs
 from tlmat.cli import main
@@ -118,55 +118,13 @@ def test_a_killed_training_job_leaves_nothing_finished_and_resumes(config, tmp_p
 
 
 def test_workflow_metrics_are_identical_with_one_and_two_cores(tmp_path):
-    study = {
-        "data_dir": "data",
-        "datasets": {k: {"source": "file"} for k in ("aa", "bb")},
-        "model": {"arch": "cgcnn", "hidden": 16, "gcn_layers": 1},
-        "train": {"epochs": 2},
-        "study": {
-            "datasets": ["aa", "bb"],
-            "trials": 1,
-            "ft_sizes": [20],
-            "pt_size": 30,
-            "ood_targets": [],
-            "families": {
-                "pt_size_sweep": False,
-                "strategies": False,
-                "learning_rate": False,
-                "mpt": False,
-                "chains": False,
-            },
-        },
-    }
     metrics = {}
     for cores in ("1", "2"):
         work = tmp_path / f"cores{cores}"
         synthetic_data_dir(work, {"aa": 50, "bb": 50})
         (work / "config.yaml").write_text((ROOT / "config.yaml").read_text())
-        (work / "tiny.yaml").write_text(yaml.safe_dump(study))
-        env = {
-            **os.environ,
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        }
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "snakemake",
-                "--snakefile",
-                str(ROOT / "Snakefile"),
-                "--directory",
-                str(work),
-                "--configfile",
-                str(work / "tiny.yaml"),
-                "--cores",
-                cores,
-            ],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=work,
-        )
+        (work / "tiny.yaml").write_text(yaml.safe_dump(pairwise_study(["aa", "bb"], trials=1)))
+        result = run_snakemake(work, cores=cores)
         assert result.returncode == 0, result.stderr[-3000:]
         files = sorted((work / "results" / "runs").rglob("metrics.json"))
         metrics[cores] = {

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
-from helpers import synthetic_data_dir
+from helpers import run_snakemake, synthetic_data_dir
 
 ROOT = Path(__file__).parents[1]
 KEYS = ["aa", "bb", "cc"]
@@ -38,32 +35,13 @@ TINY_STUDY = {
 }
 
 
-def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    command = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "--snakefile",
-        str(ROOT / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--configfile",
-        str(workdir / "tiny.yaml"),
-        "--cores",
-        "2",
-        *args,
-    ]
-    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=workdir)
-
-
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("study")
     synthetic_data_dir(workdir, {k: 60 for k in [*KEYS, OOD]})
     (workdir / "config.yaml").write_text((ROOT / "config.yaml").read_text())
     (workdir / "tiny.yaml").write_text(yaml.safe_dump({**TINY_STUDY, "data_dir": "data"}))
-    result = snakemake(workdir)
+    result = run_snakemake(workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir
 
@@ -112,11 +90,11 @@ def test_tables_cover_the_whole_grid(study):
 
 
 def test_second_run_has_nothing_to_do_and_one_deleted_run_reruns_alone(study):
-    again = snakemake(study, "-n")
+    again = run_snakemake(study, "-n")
     assert "Nothing to be done" in again.stdout + again.stderr
     victim = study / "results/runs/ft/pt-aa-30/ft-bb-20/full-lr0.001/t1/metrics.json"
     victim.unlink()
-    plan = snakemake(study, "-n", "--quiet", "rules")
+    plan = run_snakemake(study, "-n", "--quiet", "rules")
     rows = [line.split() for line in (plan.stdout + plan.stderr).splitlines()]
     counts = {row[0]: row[1] for row in rows if len(row) == 2 and row[1].isdigit()}
     assert counts == {"finetune": "1", "aggregate": "1", "figures": "1", "all": "1", "total": "4"}

@@ -12,39 +12,19 @@ ROOT = Path(__file__).parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 
 KEYS = ["aa", "bb", "cc"]
-STUDY = {
-    "data_dir": "data",
-    "datasets": {k: {"source": "file", "label": k.upper(), "units": "eV"} for k in KEYS},
-    "model": {"arch": "cgcnn", "hidden": 16, "gcn_layers": 1, "readout_layers": 1},
-    "train": {"epochs": 2, "batch_size": 16},
-    "study": {
-        "datasets": KEYS,
-        "trials": 1,
-        "ft_sizes": [20],
-        "pt_size": 30,
-        "ood_targets": [],
-        "families": {
-            "pt_size_sweep": False,
-            "strategies": False,
-            "learning_rate": False,
-            "mpt": False,
-            "chains": False,
-        },
-    },
-}
 # differ between any two runs: when, where and in which SLURM job
 VOLATILE = {"wall_time_s", "slurm_job_id"}
 LOCAL_RULES = {"aggregate.log", "figures.log"}
 
 
 def setup(*workdirs: str) -> None:
-    from helpers import synthetic_data_dir
+    from helpers import pairwise_study, synthetic_data_dir
 
     for workdir in map(Path, workdirs):
         workdir.mkdir(parents=True)
         synthetic_data_dir(workdir, {k: 50 for k in KEYS})
         (workdir / "config.yaml").write_text((ROOT / "config.yaml").read_text())
-        (workdir / "tiny.yaml").write_text(yaml.safe_dump(STUDY))
+        (workdir / "tiny.yaml").write_text(yaml.safe_dump(pairwise_study(KEYS, trials=1)))
 
 
 def check(cluster: str, local: str, cluster_log: str) -> None:
