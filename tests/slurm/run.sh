@@ -12,6 +12,8 @@ PY="${PYTHON:-$ROOT/.venv/bin/python}"
 BIN="$(dirname "$PY")"
 WORK="$(mktemp -d /tmp/tlmat-slurm.XXXXXX)"
 PIDS=()
+CONFS=(slurm.conf gres.conf)   # written to /etc/slurm, any existing ones put back on exit
+CONFS_TAKEN=0                  # set once they are backed up: before that, cleanup leaves them
 log() { echo "[slurm-test $(date +%T)] $*"; }
 
 cleanup() {
@@ -28,10 +30,12 @@ cleanup() {
     log "FAILED (exit $code); daemon logs:"
     tail -n 20 "$WORK"/state/*.log 2>/dev/null || true
   fi
-  if [[ -e "$WORK/slurm.conf.orig" ]]; then cp -p "$WORK/slurm.conf.orig" /etc/slurm/slurm.conf;
-  else rm -f /etc/slurm/slurm.conf; fi
-  if [[ -e "$WORK/gres.conf.orig" ]]; then cp -p "$WORK/gres.conf.orig" /etc/slurm/gres.conf;
-  else rm -f /etc/slurm/gres.conf; fi
+  if [[ $CONFS_TAKEN -eq 1 ]]; then
+    for name in "${CONFS[@]}"; do
+      if [[ -e "$WORK/$name.orig" ]]; then cp -p "$WORK/$name.orig" "/etc/slurm/$name";
+      else rm -f "/etc/slurm/$name"; fi
+    done
+  fi
   rm -rf "$WORK"
   exit $code
 }
@@ -52,8 +56,10 @@ mkdir -p "$WORK/state/spool" "$WORK/state/ctld" "$WORK/munge"
 # write /etc/slurm/slurm.conf, keeping any existing one to put back on exit
 CONF=/etc/slurm/slurm.conf
 mkdir -p /etc/slurm
-[[ -e "$CONF" ]] && cp -p "$CONF" "$WORK/slurm.conf.orig"
-[[ -e /etc/slurm/gres.conf ]] && cp -p /etc/slurm/gres.conf "$WORK/gres.conf.orig"
+for name in "${CONFS[@]}"; do
+  if [[ -e "/etc/slurm/$name" ]]; then cp -p "/etc/slurm/$name" "$WORK/$name.orig"; fi
+done
+CONFS_TAKEN=1
 # one GPU declared as a generic resource (no device behind it: nothing here asks for it but
 # the `sbatch --test-only` check of the GPU submissions below)
 printf "AutoDetect=off\nNodeName=$HOST Name=gpu File=/dev/null Count=1\n" >/etc/slurm/gres.conf
