@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from helpers import synthetic_data_dir, tiny_config
+from helpers import run_snakemake, synthetic_data_dir, tiny_config
 from jarvis.core.atoms import Atoms
 from pymatgen.core import Lattice, Structure
 from pymatgen.io.jarvis import JarvisAtomsAdaptor
@@ -155,22 +153,6 @@ def test_a_chain_naming_an_unknown_external_checkpoint_fails_at_dag_build(tmp_pa
     }
     (tmp_path / "config.yaml").write_text((ROOT / "config.yaml").read_text())
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(study))
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "-n",
-            "--snakefile",
-            str(ROOT / "Snakefile"),
-            "--directory",
-            str(tmp_path),
-            "--configfile",
-            str(tmp_path / "tiny.yaml"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-    )
+    result = run_snakemake(tmp_path, "-n")
     assert result.returncode != 0
     assert "external_checkpoints.pub: file" in result.stdout + result.stderr
