@@ -12,6 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 SNAKE_ARGS ?=
 PRESET ?= quick
+PUBLISHED ?= data/published/published_runs.csv
 PRESETS := $(basename $(notdir $(wildcard presets/*.yaml)))
 # PRESET names presets/<name>.yaml for `make demo` (default quick): an unknown one is one line
 ifeq ($(wildcard presets/$(PRESET).yaml),)
@@ -22,7 +23,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 DEMO_CONFIG := $(if $(DATA_DIR),--config data_dir=$(abspath $(DATA_DIR)) splits_file=$(abspath $(DATA_DIR))/splits.json,)
 
-.PHONY: install test lint demo study clean-results
+.PHONY: install test lint demo study paper clean-results
 
 install: $(VENV)/.installed
 
@@ -45,6 +46,10 @@ lint: install
 
 demo: install
 	$(BIN)/snakemake --cores $(CORES) --configfile presets/$(PRESET).yaml $(DEMO_CONFIG) $(SNAKE_ARGS)
+
+# the paper's tables and figures from its published per-run results alone (about a minute)
+paper: install
+	$(BIN)/snakemake --cores $(CORES) paper --config published_results=$(abspath $(PUBLISHED)) $(SNAKE_ARGS)
 
 study: install
 	$(BIN)/snakemake --cores $(CORES) $(SNAKE_ARGS)

@@ -17,6 +17,9 @@ include: "workflow/rules/aggregate.smk"
 localrules:
     aggregate,
     figures,
+    paper_tables,
+    paper_figures,
+    paper,
 
 
 rule all:

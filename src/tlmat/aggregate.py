@@ -13,13 +13,15 @@ this module is the single place where runs are
   the scratch baseline *trial by trial* (same model, target, FT size and trial, hence the same
   split and seed), which is what makes the gain and the paired t-test meaningful.
 
-Conventions used by every table:
+Conventions used by every table (the statistics live in :mod:`tlmat.report.stats`):
 
-* ``gain_r2 = (r2_tl - r2_scratch) / |r2_scratch| * 100`` and
-  ``gain_mae = (mae_scratch - mae_tl) / mae_scratch * 100`` per paired trial, then averaged
-  over the pairs, so a positive gain always means TL is better.
-* ``p_value`` is a two-sided paired t-test (:func:`scipy.stats.ttest_rel`) of TL vs scratch
-  test MAE over the paired trials; it is NaN with fewer than two pairs.
+* ``gain_r2``/``gain_mae`` are % gains of the cell's trial means over the scratch cell's
+  means, as the paper computed them; positive = TL better. ``unstable_r2_gain`` flags cells
+  whose scratch R² mean is within ±0.1 of zero (their R² gain is left out of averages).
+* ``p_mae_paired_t``/``p_r2_paired_t`` are two-sided paired t-tests over trials, and the
+  ``…_holm`` columns their Holm–Bonferroni adjustment over the table's cells.
+* Runs may carry a ``family`` tag (published runs do: the paper's experiment); a tagged run
+  belongs to its family's tables only, an untagged one (ours) is placed by the study defaults.
 * Every table carries ``model`` as its first key, so ALIGNN and CGCNN are never mixed.
 """
 
@@ -28,17 +30,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import tempfile
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+
+from tlmat.report import compare, headline, stats, summary
 
 log = logging.getLogger(__name__)
 
@@ -97,30 +98,40 @@ STAT_COLUMNS: tuple[str, ...] = (
     "n",
     *(f"{m}_{s}" for m in METRICS for s in ("mean", "std", "ci95")),
 )
+PAIRED_COLUMNS: tuple[str, ...] = (
+    "n_pairs",
+    "d_r2_ci95",
+    "d_mae_ci95",
+    "p_mae_paired_t",
+    "p_r2_paired_t",
+)
 GAIN_COLUMNS: tuple[str, ...] = (
+    "scratch_n",
     "scratch_r2_mean",
     "scratch_mae_mean",
     "n_pairs",
     "gain_r2",
-    "gain_r2_std",
+    "gain_r2_ci95",
     "gain_mae",
-    "gain_mae_std",
-    "p_value",
-    "test",
+    "gain_mae_ci95",
+    "unstable_r2_gain",
+    "p_mae_paired_t",
+    "p_r2_paired_t",
+    "p_mae_paired_t_holm",
+    "p_r2_paired_t_holm",
     "negative_transfer",
 )
-#: significance level of the ``negative_transfer`` flag
-ALPHA = 0.05
 PAIR_KEYS: tuple[str, ...] = ("model", "dataset", "size", "trial")
-PAIRED_TEST = "paired t-test (scipy.stats.ttest_rel, two-sided) on test MAE, TL vs scratch"
 SCRATCH_SOURCE = "scratch"
+#: optional run-record columns: our metrics.json files leave them out
+OPTIONAL_RUN_COLUMNS: dict[str, str | None] = {"family": None, "origin": "tlmat"}
 
 SCRATCH_KEYS: tuple[str, ...] = ("model", "dataset", "size")
 GRID_KEYS: tuple[str, ...] = ("model", "pt_dataset", "pt_size", "dataset", "size")
 FT_SWEEP_KEYS: tuple[str, ...] = ("model", "dataset", "source", "size")
 PT_SWEEP_KEYS: tuple[str, ...] = GRID_KEYS
 STRATEGY_KEYS: tuple[str, ...] = (*GRID_KEYS, "strategy")
-LR_KEYS: tuple[str, ...] = (*GRID_KEYS, "lr")
+LR_KEYS: tuple[str, ...] = (*GRID_KEYS, "strategy", "lr")
 MPT_KEYS: tuple[str, ...] = ("model", "pt_dataset", "dataset", "size", "strategy")
 CHAIN_KEYS: tuple[str, ...] = ("model", "chain", "dataset", "size", "strategy")
 MAPE_COLUMNS: tuple[str, ...] = ("mape_mean", "mape_std", "mape_ci95")
@@ -130,11 +141,8 @@ MPT_VS_PAIRWISE_COLUMNS: tuple[str, ...] = (
     "best_pairwise_mae_mean",
     "n_pairs_vs_pairwise",
     "gain_mae_vs_pairwise",
-    "p_value_vs_pairwise",
-    "test_vs_pairwise",
-)
-PAIRED_TEST_VS_PAIRWISE = (
-    "paired t-test (scipy.stats.ttest_rel, two-sided) on test MAE, MPT vs best pair-wise source"
+    "p_mae_paired_t_vs_pairwise",
+    "p_mae_paired_t_vs_pairwise_holm",
 )
 
 #: File stem -> columns of every table written by :func:`write_tables` (besides runs.csv).
@@ -147,6 +155,8 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     "learning_rate": (*LR_KEYS, *STAT_COLUMNS, *GAIN_COLUMNS),
     "mpt": (*MPT_KEYS, *STAT_COLUMNS, *GAIN_COLUMNS, *MPT_VS_PAIRWISE_COLUMNS),
     "chains": (*CHAIN_KEYS, "n_stages", *STAT_COLUMNS, *MAPE_COLUMNS, *GAIN_COLUMNS),
+    "headline": headline.HEADLINE_COLUMNS,
+    "comparison": compare.COMPARISON_COLUMNS,
 }
 
 
@@ -193,12 +203,25 @@ def collect_runs(metric_files: Iterable[Path | str]) -> pd.DataFrame:
     """
     records = [_read_metrics(Path(p)) for p in metric_files]
     if not records:
-        return pd.DataFrame(columns=list(RUN_COLUMNS))
-    frame = pd.DataFrame.from_records(records)
+        return pd.DataFrame(columns=[*RUN_COLUMNS, *OPTIONAL_RUN_COLUMNS])
+    return run_frame(pd.DataFrame.from_records(records))
+
+
+def run_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """Run records in the one shape every table builder reads, whatever their origin.
+
+    Our ``metrics.json`` files and the published per-run rows
+    (:func:`tlmat.report.published.read_published_runs`) both end here: contract columns
+    first, the optional ``family``/``origin`` columns filled in, then extras alphabetically.
+    """
     _check_unique_run_ids(frame)
-    extras = sorted(c for c in frame.columns if c not in RUN_COLUMNS)
-    frame = frame[[*RUN_COLUMNS, *extras]]
-    frame = _coerce_types(frame)
+    frame = frame.copy()
+    for column, default in OPTIONAL_RUN_COLUMNS.items():
+        if column not in frame.columns:
+            frame[column] = default
+    fixed = [*RUN_COLUMNS, *OPTIONAL_RUN_COLUMNS]
+    extras = sorted(c for c in frame.columns if c not in fixed)
+    frame = _coerce_types(frame[[*fixed, *extras]])
     return frame.sort_values("run_id", kind="stable").reset_index(drop=True)
 
 
@@ -252,60 +275,6 @@ def _coerce_types(frame: pd.DataFrame) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- statistics
 
 
-def describe(values: Sequence[float] | pd.Series, prefix: str) -> dict[str, float]:
-    """Mean, sample std (ddof=1) and 95 % t-interval half-width of the non-NaN values.
-
-    The half-width uses Student's t with n-1 degrees of freedom because there are only a few
-    trials per cell; the interval is ``mean ± <prefix>_ci95``. Std and CI are NaN for n < 2.
-    """
-    x = np.asarray(values, dtype=float)
-    x = x[~np.isnan(x)]
-    n = len(x)
-    mean = float(x.mean()) if n else math.nan
-    std = float(x.std(ddof=1)) if n > 1 else math.nan
-    ci95 = float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)) if n > 1 else math.nan
-    return {f"{prefix}_mean": mean, f"{prefix}_std": std, f"{prefix}_ci95": ci95}
-
-
-def paired_gains(
-    r2_tl: Sequence[float],
-    r2_scr: Sequence[float],
-    mae_tl: Sequence[float],
-    mae_scr: Sequence[float],
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-pair % gains of TL over scratch, signed so that positive means TL is better.
-
-    R² gain is relative to ``|r2_scr|`` (scratch R² can be negative); it is NaN when the
-    scratch R² is exactly zero rather than infinite.
-    """
-    r2_tl, r2_scr = np.asarray(r2_tl, float), np.asarray(r2_scr, float)
-    mae_tl, mae_scr = np.asarray(mae_tl, float), np.asarray(mae_scr, float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        gain_r2 = np.where(r2_scr != 0, (r2_tl - r2_scr) / np.abs(r2_scr) * 100.0, np.nan)
-        gain_mae = np.where(mae_scr != 0, (mae_scr - mae_tl) / mae_scr * 100.0, np.nan)
-    return gain_r2, gain_mae
-
-
-def paired_p_value(mae_tl: Sequence[float], mae_scr: Sequence[float]) -> float:
-    """Two-sided paired t-test p-value of TL vs scratch MAE; NaN with fewer than two pairs.
-
-    Paired, because trial k of TL and of scratch share the split and seed, so the
-    trial-to-trial variance cancels out of the difference. Also NaN when all differences are
-    (numerically) equal: the t statistic is then infinite or 0/0 and a p-value of 0 would
-    claim a certainty that two or three trials cannot give.
-    """
-    a, b = np.asarray(mae_tl, float), np.asarray(mae_scr, float)
-    keep = ~(np.isnan(a) | np.isnan(b))
-    if keep.sum() < 2:
-        return math.nan
-    diff = a[keep] - b[keep]
-    if np.allclose(diff, diff[0], rtol=1e-9, atol=1e-12):
-        return math.nan
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # zero-variance differences
-        return float(stats.ttest_rel(a[keep], b[keep]).pvalue)
-
-
 def _group_rows(frame: pd.DataFrame, keys: Sequence[str]) -> Iterable[tuple[dict, pd.DataFrame]]:
     """Yield ``({key: value}, group)`` with null keys kept (scratch rows have no PT source)."""
     for values, group in frame.groupby(list(keys), dropna=False, sort=True):
@@ -318,54 +287,69 @@ def summarize(frame: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     for row, group in _group_rows(frame, keys):
         row["n"] = len(group)
         for short, column in METRICS.items():
-            row.update(describe(group[column], short))
+            row.update(stats.describe(group[column], short))
         rows.append(row)
     return pd.DataFrame(rows, columns=[*keys, *STAT_COLUMNS])
-
-
-def _gain_row(paired: pd.DataFrame) -> dict[str, Any]:
-    """Gain and p-value columns for one group of TL runs joined to their scratch twins."""
-    gain_r2, gain_mae = paired_gains(
-        paired["test_r2"], paired["test_r2_scr"], paired["test_mae"], paired["test_mae_scr"]
-    )
-    return {
-        "scratch_r2_mean": describe(paired["test_r2_scr"], "r")["r_mean"],
-        "scratch_mae_mean": describe(paired["test_mae_scr"], "m")["m_mean"],
-        "n_pairs": len(paired),
-        "gain_r2": describe(gain_r2, "g")["g_mean"],
-        "gain_r2_std": describe(gain_r2, "g")["g_std"],
-        "gain_mae": describe(gain_mae, "g")["g_mean"],
-        "gain_mae_std": describe(gain_mae, "g")["g_std"],
-        "p_value": paired_p_value(paired["test_mae"], paired["test_mae_scr"]),
-        "test": PAIRED_TEST,
-    }
-
-
-def negative_transfer(gain_mae: pd.Series, p_value: pd.Series) -> pd.Series:
-    """TL significantly worse than scratch: MAE gain < 0 and paired p < ALPHA (NaN p: False)."""
-    gain = pd.to_numeric(gain_mae, errors="coerce")
-    p = pd.to_numeric(p_value, errors="coerce")
-    return ((gain < 0) & (p < ALPHA)).fillna(False).astype(bool)
 
 
 def summarize_with_gain(
     tl: pd.DataFrame, scratch: pd.DataFrame, keys: Sequence[str]
 ) -> pd.DataFrame:
-    """:func:`summarize` plus gain over scratch and the paired test, paired per trial.
+    """:func:`summarize` plus the gain over scratch and paired tests, adjusted within the table.
 
-    TL runs without a scratch twin still count in the mean/std columns but have
-    ``n_pairs == 0`` and NaN gains.
+    Gains are ratios of the cell's trial means (see :mod:`tlmat.report.stats`); the scratch
+    mean is the scratch table's cell (same model, target and FT size, all its trials).
+    Per-trial pairs (same trial, hence same split and seed) give the paired t-tests on MAE and
+    on R² and the 95 % intervals of the gains; TL runs without a scratch twin count in the
+    mean columns but have ``n_pairs == 0``. p-values are Holm-adjusted over the table's rows.
     """
     summary = summarize(tl, keys)
-    twins = scratch[[*PAIR_KEYS, "test_r2", "test_mae"]]
-    paired = tl.merge(twins, on=list(PAIR_KEYS), how="inner", suffixes=("", "_scr"))
-    gain_rows = [{**row, **_gain_row(group)} for row, group in _group_rows(paired, keys)]
-    gains = pd.DataFrame(gain_rows, columns=[*keys, *GAIN_COLUMNS])
-    out = summary.merge(gains, on=list(keys), how="left")
+    base = summarize(scratch, SCRATCH_KEYS)[[*SCRATCH_KEYS, "n", "r2_mean", "mae_mean"]]
+    base = base.rename(
+        columns={"n": "scratch_n", "r2_mean": "scratch_r2_mean", "mae_mean": "scratch_mae_mean"}
+    )
+    out = summary.merge(base, on=list(SCRATCH_KEYS), how="left")
+    out["gain_r2"] = [
+        stats.relative_gain(t, s, lower_is_better=False)
+        for t, s in zip(out["r2_mean"], out["scratch_r2_mean"], strict=True)
+    ]
+    out["gain_mae"] = [
+        stats.relative_gain(t, s, lower_is_better=True)
+        for t, s in zip(out["mae_mean"], out["scratch_mae_mean"], strict=True)
+    ]
+    out["unstable_r2_gain"] = stats.unstable_r2(out["scratch_r2_mean"].astype(float))
+    tests = pd.DataFrame(
+        [{**row, **_paired_row(group)} for row, group in _group_rows(_paired(tl, scratch), keys)],
+        columns=[*keys, *PAIRED_COLUMNS],
+    )
+    out = out.merge(tests, on=list(keys), how="left")
     out["n_pairs"] = pd.to_numeric(out["n_pairs"]).fillna(0).astype(int)
-    out["test"] = PAIRED_TEST
-    out["negative_transfer"] = negative_transfer(out["gain_mae"], out["p_value"])
+    out["gain_r2_ci95"] = out["d_r2_ci95"] / out["scratch_r2_mean"].abs() * 100.0
+    out["gain_mae_ci95"] = out["d_mae_ci95"] / out["scratch_mae_mean"] * 100.0
+    for metric in METRICS:
+        out[f"p_{metric}_paired_t_holm"] = stats.adjust_p_values(out[f"p_{metric}_paired_t"])
+    out["negative_transfer"] = stats.negative_transfer(out["gain_mae"], out["p_mae_paired_t_holm"])
     return out[[*keys, *STAT_COLUMNS, *GAIN_COLUMNS]]
+
+
+def _paired(tl: pd.DataFrame, scratch: pd.DataFrame) -> pd.DataFrame:
+    """TL runs joined to the scratch run of the same trial (runs without a trial never pair)."""
+    twins = scratch.dropna(subset=["trial"])[[*PAIR_KEYS, "test_r2", "test_mae"]]
+    tl = tl.dropna(subset=["trial"])
+    return tl.merge(twins, on=list(PAIR_KEYS), how="inner", suffixes=("", "_scr"))
+
+
+def _paired_row(paired: pd.DataFrame) -> dict[str, Any]:
+    """Pair count, 95 % half-widths of the paired differences and the two paired tests."""
+    improvement_r2 = paired["test_r2"] - paired["test_r2_scr"]
+    improvement_mae = paired["test_mae_scr"] - paired["test_mae"]
+    return {
+        "n_pairs": len(paired),
+        "d_r2_ci95": stats.describe(improvement_r2, "d")["d_ci95"],
+        "d_mae_ci95": stats.describe(improvement_mae, "d")["d_ci95"],
+        "p_mae_paired_t": stats.paired_p_value(paired["test_mae"], paired["test_mae_scr"]),
+        "p_r2_paired_t": stats.paired_p_value(paired["test_r2"], paired["test_r2_scr"]),
+    }
 
 
 # ----------------------------------------------------------------------------- selection
@@ -411,16 +395,31 @@ def scratch_runs(runs: pd.DataFrame, defaults: StudyDefaults | None = None) -> p
     return scratch
 
 
+def _by_family(ft: pd.DataFrame, families: Sequence[str], untagged: pd.Series) -> pd.DataFrame:
+    """Tagged runs (published ones) by their family tag; untagged runs (ours) by ``untagged``.
+
+    A published run states which of the paper's experiments it belongs to, so it needs no
+    guessing from defaults (its learning rate is often not even recorded); our runs are shared
+    between families and are placed by the study defaults instead.
+    """
+    tagged = ft["family"].notna()
+    return ft[(tagged & ft["family"].isin(list(families))) | (~tagged & untagged)]
+
+
 def plain_finetune_runs(runs: pd.DataFrame, defaults: StudyDefaults) -> pd.DataFrame:
-    """Fine-tuning runs with default strategy, learning rate and PT size."""
-    ft = _finetune_at_default_pt_size(runs, defaults)
-    return ft[(ft["strategy"] == defaults.strategy) & _lr_is(ft, defaults.lr)]
-
-
-def _finetune_at_default_pt_size(runs: pd.DataFrame, defaults: StudyDefaults) -> pd.DataFrame:
-    """PT-size default is resolved over *all* fine-tuning runs so every table agrees on it."""
+    """Fine-tuning runs of the pair-wise grid: default strategy, learning rate and PT size."""
     ft = _kind(runs, "finetune")
-    return ft[_pt_size_is_default(ft, defaults.pt_size)]
+    plain = (
+        _pt_size_is_default(ft, defaults.pt_size)
+        & (ft["strategy"] == defaults.strategy)
+        & _lr_is(ft, defaults.lr)
+    )
+    return _by_family(ft, ["pairwise"], plain)
+
+
+def _at_default_pt_size(runs: pd.DataFrame, defaults: StudyDefaults) -> pd.Series:
+    """PT-size default is resolved over *all* fine-tuning runs so every table agrees on it."""
+    return _pt_size_is_default(runs, defaults.pt_size)
 
 
 # ----------------------------------------------------------------------------- tables
@@ -456,21 +455,28 @@ def ft_size_sweep(runs: pd.DataFrame, defaults: StudyDefaults) -> pd.DataFrame:
 def pt_size_sweep(runs: pd.DataFrame, defaults: StudyDefaults) -> pd.DataFrame:
     """Effect of the PT-set size: default strategy and lr, any PT size, with gain."""
     ft = _kind(runs, "finetune")
-    tl = ft[(ft["strategy"] == defaults.strategy) & _lr_is(ft, defaults.lr)]
+    untagged = (ft["strategy"] == defaults.strategy) & _lr_is(ft, defaults.lr)
+    tl = _by_family(ft, ["pairwise", "pt_size_sweep"], untagged)
     return summarize_with_gain(tl, scratch_runs(runs, defaults), PT_SWEEP_KEYS)
 
 
 def strategies(runs: pd.DataFrame, defaults: StudyDefaults) -> pd.DataFrame:
     """Every fine-tuning strategy at the default lr and PT size, with gain."""
-    ft = _finetune_at_default_pt_size(runs, defaults)
-    tl = ft[_lr_is(ft, defaults.lr)]
+    ft = _kind(runs, "finetune")
+    untagged = _at_default_pt_size(ft, defaults) & _lr_is(ft, defaults.lr)
+    tl = _by_family(ft, ["strategies"], untagged)
     return summarize_with_gain(tl, scratch_runs(runs, defaults), STRATEGY_KEYS)
 
 
 def learning_rate(runs: pd.DataFrame, defaults: StudyDefaults) -> pd.DataFrame:
-    """Every fine-tuning learning rate at the default strategy and PT size, with gain."""
-    ft = _finetune_at_default_pt_size(runs, defaults)
-    tl = ft[ft["strategy"] == defaults.strategy]
+    """Every fine-tuning learning rate (per strategy) at the default PT size, with gain.
+
+    Our learning-rate family runs the default strategy; the paper's also varied the rate of
+    its new-head strategies, hence ``strategy`` is a key of this table.
+    """
+    ft = _kind(runs, "finetune")
+    untagged = _at_default_pt_size(ft, defaults) & (ft["strategy"] == defaults.strategy)
+    tl = _by_family(ft, ["learning_rate"], untagged & ft["lr"].notna())
     return summarize_with_gain(tl, scratch_runs(runs, defaults), LR_KEYS)
 
 
@@ -492,6 +498,7 @@ def mpt_table(runs: pd.DataFrame, defaults: StudyDefaults) -> pd.DataFrame:
     for _, row in table.iterrows():
         rows.append(_vs_best_pairwise(row, tl, plain, grid))
     vs = pd.DataFrame(rows, columns=list(MPT_VS_PAIRWISE_COLUMNS), index=table.index)
+    vs["p_mae_paired_t_vs_pairwise_holm"] = stats.adjust_p_values(vs["p_mae_paired_t_vs_pairwise"])
     return pd.concat([table, vs], axis=1)[columns]
 
 
@@ -505,7 +512,7 @@ def _vs_best_pairwise(
         & (grid["size"] == row["size"])
     ]
     if cell.empty or cell["r2_mean"].isna().all():
-        return {"n_pairs_vs_pairwise": 0, "test_vs_pairwise": PAIRED_TEST_VS_PAIRWISE}
+        return {"n_pairs_vs_pairwise": 0}
     best = cell.loc[cell["r2_mean"].idxmax()]
     mine = mpt[
         (mpt["model"] == row["model"])
@@ -523,17 +530,17 @@ def _vs_best_pairwise(
     paired = mine.merge(
         theirs[[*PAIR_KEYS, "test_r2", "test_mae"]], on=list(PAIR_KEYS), suffixes=("", "_ref")
     )
-    _, gain_mae = paired_gains(
-        paired["test_r2"], paired["test_r2_ref"], paired["test_mae"], paired["test_mae_ref"]
-    )
     return {
         "best_pairwise_source": best["pt_dataset"],
         "best_pairwise_r2_mean": best["r2_mean"],
         "best_pairwise_mae_mean": best["mae_mean"],
         "n_pairs_vs_pairwise": len(paired),
-        "gain_mae_vs_pairwise": describe(gain_mae, "g")["g_mean"],
-        "p_value_vs_pairwise": paired_p_value(paired["test_mae"], paired["test_mae_ref"]),
-        "test_vs_pairwise": PAIRED_TEST_VS_PAIRWISE,
+        "gain_mae_vs_pairwise": stats.relative_gain(
+            row["mae_mean"], best["mae_mean"], lower_is_better=True
+        ),
+        "p_mae_paired_t_vs_pairwise": stats.paired_p_value(
+            paired["test_mae"], paired["test_mae_ref"]
+        ),
     }
 
 
@@ -550,7 +557,7 @@ def chains_table(runs: pd.DataFrame, defaults: StudyDefaults) -> pd.DataFrame:
         return pd.DataFrame(columns=columns)
     table = summarize_with_gain(tl, scratch_runs(runs, defaults), CHAIN_KEYS)
     mape = [
-        {**row, **describe(group["test_mape"], "mape")}
+        {**row, **stats.describe(group["test_mape"], "mape")}
         for row, group in _group_rows(tl, CHAIN_KEYS)
     ]
     table = table.merge(pd.DataFrame(mape), on=list(CHAIN_KEYS), how="left")
@@ -558,8 +565,42 @@ def chains_table(runs: pd.DataFrame, defaults: StudyDefaults) -> pd.DataFrame:
     return table[columns]
 
 
-def build_tables(runs: pd.DataFrame, defaults: StudyDefaults) -> dict[str, pd.DataFrame]:
-    """All tables keyed by file stem (``runs`` included), in the order they are written."""
+#: tables that get the published mean/std/n of the same cell, with their cell keys
+COMPARED_KEYS: dict[str, tuple[str, ...]] = {
+    "scratch": SCRATCH_KEYS,
+    "pairwise_grid": GRID_KEYS,
+    "ft_size_sweep": FT_SWEEP_KEYS,
+    "pt_size_sweep": PT_SWEEP_KEYS,
+    "strategies": STRATEGY_KEYS,
+    "learning_rate": LR_KEYS,
+}
+
+
+def build_tables(
+    runs: pd.DataFrame, defaults: StudyDefaults, published: pd.DataFrame | None = None
+) -> dict[str, pd.DataFrame]:
+    """All tables keyed by file stem (``runs`` included), in the order they are written.
+
+    Args:
+        runs: run records (:func:`collect_runs`, or published runs alone for the paper's
+            own tables).
+        defaults: what makes a fine-tune "plain" (see :class:`StudyDefaults`).
+        published: published run records
+            (:func:`tlmat.report.published.read_published_runs`); when given, every compared
+            table gains the published cell's mean/std/n and our difference from it, and
+            ``comparison`` lists every cell both have.
+    """
+    tables = _study_tables(runs, defaults)
+    if published is not None:
+        theirs = _study_tables(published, defaults)
+        for name, keys in COMPARED_KEYS.items():
+            tables[name] = compare.with_published(tables[name], theirs[name], keys)
+    tables["headline"] = headline.headline_table(tables["pairwise_grid"])
+    tables["comparison"] = compare.comparison_table(tables, defaults.pt_size)
+    return tables
+
+
+def _study_tables(runs: pd.DataFrame, defaults: StudyDefaults) -> dict[str, pd.DataFrame]:
     return {
         "runs": runs,
         "scratch": scratch_table(runs, defaults),
@@ -571,281 +612,6 @@ def build_tables(runs: pd.DataFrame, defaults: StudyDefaults) -> dict[str, pd.Da
         "mpt": mpt_table(runs, defaults),
         "chains": chains_table(runs, defaults),
     }
-
-
-# ----------------------------------------------------------------------------- summary
-
-
-def _fmt(value: Any, spec: str) -> str:
-    """Format a number for Markdown, with an em dash for missing values."""
-    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
-        return "—"
-    return format(value, spec)
-
-
-def markdown_table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
-    """A GitHub-flavoured Markdown table (no tabulate dependency needed)."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _label(key: Any, meta: Mapping[str, Mapping[str, str]] | None) -> str:
-    """Human-readable data-set name, falling back to the upper-cased key."""
-    info = (meta or {}).get(str(key), {})
-    return f"{info.get('label', str(key).upper())} ({key})" if info else str(key).upper()
-
-
-def at_largest_size(table: pd.DataFrame, by: Sequence[str] = ("model", "dataset")) -> pd.DataFrame:
-    """Rows at the largest FT size of each target (targets differ in how much data they have)."""
-    if table.empty:
-        return table
-    largest = table.groupby(list(by))["size"].transform("max")
-    return table[table["size"] == largest]
-
-
-def _grid_headline_rows(grid: pd.DataFrame) -> list[list[str]]:
-    """Mean gains over all grid cells and over the largest-FT-size cells, per model."""
-    rows = []
-    for model, group in grid.groupby("model", sort=True):
-        for scope, cells in (("all FT sizes", group), ("largest FT size", at_largest_size(group))):
-            valid = cells.dropna(subset=["gain_mae"])
-            rows.append(
-                [
-                    str(model),
-                    scope,
-                    str(len(cells)),
-                    _fmt(cells["gain_r2"].mean(), "+.1f"),
-                    _fmt(cells["gain_mae"].mean(), "+.1f"),
-                    f"{int((valid['gain_mae'] > 0).sum())}/{len(valid)}",
-                    f"{int((cells['p_value'] < 0.05).sum())}/{int(cells['p_value'].notna().sum())}",
-                ]
-            )
-    return rows
-
-
-def best_sources(grid: pd.DataFrame) -> pd.DataFrame:
-    """Per (model, target): the PT source with the highest mean R² at the largest FT size."""
-    cells = at_largest_size(grid).dropna(subset=["r2_mean"])
-    if cells.empty:
-        return cells
-    best = cells.loc[cells.groupby(["model", "dataset"])["r2_mean"].idxmax()]
-    return best.sort_values(["model", "dataset"]).reset_index(drop=True)
-
-
-def _best_source_rows(grid: pd.DataFrame, meta: Mapping | None) -> list[list[str]]:
-    return [
-        [
-            str(r.model),
-            _label(r.dataset, meta),
-            str(r.size),
-            _label(r.pt_dataset, meta),
-            f"{_fmt(r.r2_mean, '.3f')} ± {_fmt(r.r2_std, '.3f')}",
-            _fmt(r.scratch_r2_mean, ".3f"),
-            _fmt(r.gain_r2, "+.1f"),
-            _fmt(r.gain_mae, "+.1f"),
-        ]
-        for r in best_sources(grid).itertuples(index=False)
-    ]
-
-
-def ablation_cells(table: pd.DataFrame, by: str) -> pd.DataFrame:
-    """Rows of the cells (model, PT source, PT size, target, FT size) where ``by`` was varied.
-
-    The strategies and learning-rate tables also hold the plain runs of every grid cell; a
-    comparison of levels must use only the cells where the levels compete, or the default
-    level would be averaged over many more (and different) cells than the others. Empty when
-    ``by`` was never varied, i.e. the ablation was not run.
-    """
-    if table.empty:
-        return table
-    cell = ["model", "pt_dataset", "pt_size", "dataset", "size"]
-    varied = table.groupby(cell, dropna=False)[by].transform("nunique") >= 2
-    return table[varied]
-
-
-def rank_by_gain(table: pd.DataFrame, by: str) -> pd.DataFrame:
-    """Mean gains per (model, ``by``) over the ablation cells, best (highest MAE gain) first.
-
-    MAE gain ranks because it is what the paired test is run on and because R² gain explodes
-    for targets whose scratch R² is near zero.
-    """
-    table = ablation_cells(table, by)
-    if table.empty:
-        return pd.DataFrame(columns=["model", by, "cells", "gain_r2", "gain_mae"])
-    ranked = (
-        table.groupby(["model", by], dropna=False)
-        .agg(cells=("gain_mae", "size"), gain_r2=("gain_r2", "mean"), gain_mae=("gain_mae", "mean"))
-        .reset_index()
-    )
-    return ranked.sort_values(["model", "gain_mae"], ascending=[True, False], kind="stable")
-
-
-def _ranked_rows(table: pd.DataFrame, by: str, spec: str = "") -> list[list[str]]:
-    return [
-        [
-            str(r["model"]),
-            _fmt(r[by], spec),
-            str(r["cells"]),
-            _fmt(r["gain_r2"], "+.1f"),
-            _fmt(r["gain_mae"], "+.1f"),
-        ]
-        for _, r in rank_by_gain(table, by).iterrows()
-    ]
-
-
-def _best_lines(table: pd.DataFrame, by: str, what: str, spec: str = "") -> list[str]:
-    """One 'Best <what>' sentence per model (the first row of the ranking)."""
-    ranked = rank_by_gain(table, by).drop_duplicates("model")
-    return [
-        f"- **Best {what} ({r['model']})**: `{_fmt(r[by], spec)}` — mean MAE gain "
-        f"{_fmt(r['gain_mae'], '+.1f')} %, mean R² gain {_fmt(r['gain_r2'], '+.1f')} %"
-        for _, r in ranked.iterrows()
-    ]
-
-
-def _run_counts(runs: pd.DataFrame | None) -> str:
-    if runs is None or runs.empty:
-        return "No runs found."
-    counts = runs["kind"].value_counts()
-    parts = ", ".join(f"{counts.get(k, 0)} {k}" for k in KINDS)
-    models = ", ".join(sorted(map(str, runs["model"].unique())))
-    return f"{len(runs)} runs ({parts}); models: {models}."
-
-
-def summary_markdown(
-    tables: Mapping[str, pd.DataFrame], meta: Mapping[str, Mapping[str, str]] | None = None
-) -> str:
-    """The headline numbers as a short Markdown report (the tables hold the details).
-
-    Args:
-        tables: as returned by :func:`build_tables`; missing or empty families are reported as
-            such instead of failing, so a partial study still gets a summary.
-        meta: optional data-set metadata (``key -> {"label", "units"}``) for readable names.
-    """
-    grid = tables.get("pairwise_grid", pd.DataFrame())
-    strat = tables.get("strategies", pd.DataFrame())
-    lrs = tables.get("learning_rate", pd.DataFrame())
-    pts = tables.get("pt_size_sweep", pd.DataFrame())
-    parts = ["# Transfer-learning study: summary", "", _run_counts(tables.get("runs")), ""]
-    parts += [
-        "Gains are % improvements of TL over scratch, paired per trial (same model, target, "
-        "FT size and trial) and averaged: R² gain = (R²_TL − R²_scr)/|R²_scr|·100, "
-        "MAE gain = (MAE_scr − MAE_TL)/MAE_scr·100; positive = TL better. "
-        f"Significance: {PAIRED_TEST}.",
-        "",
-    ]
-    parts += _section(
-        "Pair-wise PT → FT grid vs scratch",
-        _grid_headline_rows(grid) if not grid.empty else [],
-        [
-            "model",
-            "scope",
-            "cells",
-            "mean R² gain (%)",
-            "mean MAE gain (%)",
-            "TL better (MAE)",
-            "p < 0.05",
-        ],
-    )
-    parts += _section(
-        "Best PT source per target (by mean R² at the largest FT size)",
-        _best_source_rows(grid, meta) if not grid.empty else [],
-        [
-            "model",
-            "target",
-            "FT size",
-            "best PT source",
-            "R² (mean ± std)",
-            "scratch R²",
-            "R² gain (%)",
-            "MAE gain (%)",
-        ],
-    )
-    gain_header = ["cells", "mean R² gain (%)", "mean MAE gain (%)"]
-    parts += _section(
-        "Fine-tuning strategies (cells where strategies were compared; by mean MAE gain)",
-        _ranked_rows(strat, "strategy"),
-        ["model", "strategy", *gain_header],
-        extra=_best_lines(strat, "strategy", "strategy"),
-    )
-    parts += _section(
-        "Learning rate (cells where the lr was varied; by mean MAE gain)",
-        _ranked_rows(lrs, "lr", "g"),
-        ["model", "lr", *gain_header],
-        extra=_best_lines(lrs, "lr", "learning rate", "g"),
-    )
-    parts += _section(
-        "PT-size sweep (mean over targets and FT sizes)",
-        _pt_size_rows(pts, meta),
-        ["model", "PT source", "PT size", *gain_header],
-    )
-    parts += _section(
-        "Multi-property pre-training (mean over targets and FT sizes)",
-        _mpt_rows(tables.get("mpt", pd.DataFrame())),
-        [
-            "model",
-            "MPT variant",
-            "cells",
-            "mean MAE gain vs scratch (%)",
-            "mean MAE gain vs best pair-wise (%)",
-            "better than best pair-wise (MAE)",
-        ],
-    )
-    return "\n".join(parts).rstrip() + "\n"
-
-
-def _mpt_rows(table: pd.DataFrame) -> list[list[str]]:
-    """One line per (model, MPT variant): gains over scratch and over the best PT source."""
-    if table.empty:
-        return []
-    rows = []
-    for (model, variant), group in table.groupby(["model", "pt_dataset"], sort=True):
-        vs = group["gain_mae_vs_pairwise"].astype(float)
-        rows.append(
-            [
-                str(model),
-                str(variant),
-                str(len(group)),
-                _fmt(group["gain_mae"].astype(float).mean(), "+.1f"),
-                _fmt(vs.mean(), "+.1f"),
-                f"{int((vs > 0).sum())}/{int(vs.notna().sum())}",
-            ]
-        )
-    return rows
-
-
-def _pt_size_rows(table: pd.DataFrame, meta: Mapping | None) -> list[list[str]]:
-    if table.empty:
-        return []
-    agg = (
-        table.groupby(["model", "pt_dataset", "pt_size"])
-        .agg(cells=("gain_mae", "size"), gain_r2=("gain_r2", "mean"), gain_mae=("gain_mae", "mean"))
-        .reset_index()
-    )
-    return [
-        [
-            str(r.model),
-            _label(r.pt_dataset, meta),
-            str(r.pt_size),
-            str(r.cells),
-            _fmt(r.gain_r2, "+.1f"),
-            _fmt(r.gain_mae, "+.1f"),
-        ]
-        for r in agg.itertuples(index=False)
-    ]
-
-
-def _section(
-    title: str, rows: list[list[str]], header: list[str], extra: Sequence[str] = ()
-) -> list[str]:
-    """A Markdown section: heading, optional bullet lines, then the table or a 'no runs' note."""
-    lines = [f"## {title}", ""]
-    if not rows:
-        return [*lines, "_No runs in this family._", ""]
-    if extra:
-        lines += [*extra, ""]
-    return [*lines, markdown_table(rows, header), ""]
 
 
 # ----------------------------------------------------------------------------- writing
@@ -870,29 +636,35 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def write_tables(
-    metric_files: Iterable[Path | str],
+    runs: pd.DataFrame | Iterable[Path | str],
     out_dir: Path | str,
     defaults: StudyDefaults,
     meta: Mapping[str, Mapping[str, str]] | None = None,
+    published: pd.DataFrame | None = None,
 ) -> list[Path]:
-    """Collect runs, build every table and write them (CSV) plus ``summary.md`` into ``out_dir``.
+    """Build every table and write them (CSV) plus ``summary.md`` into ``out_dir``.
+
+    Args:
+        runs: run records, or ``metrics.json`` paths to :func:`collect_runs`.
+        published: published run records to compare with (see :func:`build_tables`).
 
     A family without runs still gets its CSV with the header only, so downstream rules that
     declare these files as outputs always find them.
 
     Returns:
-        Paths written: runs.csv, scratch.csv, pairwise_grid.csv, ft_size_sweep.csv,
-        pt_size_sweep.csv, strategies.csv, learning_rate.csv, summary.md.
+        Paths written: ``<table>.csv`` for every table of :func:`build_tables`, then summary.md.
     """
     out_dir = Path(out_dir)
-    tables = build_tables(collect_runs(metric_files), defaults)
+    if not isinstance(runs, pd.DataFrame):
+        runs = collect_runs(runs)
+    tables = build_tables(runs, defaults, published)
     written = []
     for name, table in tables.items():
         path = out_dir / f"{name}.csv"
         atomic_write_text(path, table.to_csv(index=False, lineterminator="\n"))
         written.append(path)
-    summary = out_dir / "summary.md"
-    atomic_write_text(summary, summary_markdown(tables, meta))
-    written.append(summary)
+    path = out_dir / "summary.md"
+    atomic_write_text(path, summary.summary_markdown(tables, meta))
+    written.append(path)
     log.info("wrote %d tables from %d runs to %s", len(written), len(tables["runs"]), out_dir)
     return written

@@ -121,6 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
     aggregate.add_argument("--runs", type=Path, default=Path("results/runs"))
     aggregate.add_argument("--out", type=Path, default=Path("results/tables"))
     aggregate.add_argument(
+        "--published",
+        type=Path,
+        metavar="FILE",
+        help="published per-run CSV to compare with (default: config published_results)",
+    )
+    aggregate.add_argument(
+        "--published-only",
+        action="store_true",
+        help="tables of the published runs alone (the paper's own numbers), no metrics.json",
+    )
+    aggregate.add_argument(
         "metrics", nargs="*", type=Path, help="metrics.json files (default: all under --runs)"
     )
 
@@ -131,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     figures.add_argument("--out", type=Path, default=Path("results/figures"))
     figures.add_argument(
         "--expect", nargs="*", default=[], metavar="STEM", help="figures that must exist after"
+    )
+    figures.add_argument(
+        "--only",
+        nargs="*",
+        metavar="NAME",
+        help="draw only these figures (e.g. the ones published runs can make; default: all)",
     )
     return parser
 
@@ -196,11 +213,18 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif args.verb == "aggregate":
         from tlmat.study import aggregate_command
 
-        aggregate_command(config, args.runs, args.out, args.metrics)
+        if args.published_only:
+            from tlmat.study import paper_tables_command
+
+            if args.published is None and not config.get("published_results"):
+                raise ValueError("--published-only needs --published FILE or published_results")
+            paper_tables_command(config, args.published or config["published_results"], args.out)
+        else:
+            aggregate_command(config, args.runs, args.out, args.metrics, args.published)
     elif args.verb == "figures":
         from tlmat.study import figures_command
 
-        figures_command(config, args.tables, args.runs, args.out, args.expect)
+        figures_command(config, args.tables, args.runs, args.out, args.expect, args.only)
 
 
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, PermissionError, OSError)

@@ -43,6 +43,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FixedLocator, NullFormatter, StrMethodFormatter  # noqa: E402
 
 from tlmat import aggregate  # noqa: E402
+from tlmat.report import cells, compare  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ Meta = Mapping[str, Mapping[str, str]]
 FORMATS: tuple[str, ...] = ("png", "pdf")
 SCRATCH = aggregate.SCRATCH_SOURCE
 SCRATCH_COLOR = "0.15"
+#: lowest R² drawn on curves and parity axes
+R2_FLOOR = -1.0
 TABLE_NAMES: tuple[str, ...] = ("runs", *aggregate.TABLE_COLUMNS)
 
 
@@ -121,12 +124,25 @@ def _palette(keys: Sequence[object]) -> dict[object, tuple]:
     return dict(zip(keys, colors, strict=True))
 
 
-def _band(ax: Axes, x: pd.Series, table: pd.DataFrame, stat: str, **style: object) -> None:
-    """Mean line with markers and a ± std band (no band where std is undefined)."""
-    mean = table[f"{stat}_mean"].to_numpy(float)
-    std = table[f"{stat}_std"].fillna(0.0).to_numpy(float)
-    (line,) = ax.plot(x, mean, marker="o", markersize=4, **style)
-    ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.18, linewidth=0)
+def _curve(ax: Axes, x: pd.Series, table: pd.DataFrame, stat: str, **style: object) -> None:
+    """Mean with markers and ± 95 % CI error bars over trials (none where n < 2)."""
+    ax.errorbar(
+        x,
+        table[f"{stat}_mean"].to_numpy(float),
+        yerr=table[f"{stat}_ci95"].fillna(0.0).to_numpy(float),
+        marker="o",
+        markersize=4,
+        capsize=3,
+        **style,
+    )
+
+
+def _clip_r2_axis(ax: Axes, values: Sequence[float], floor: float = R2_FLOOR) -> None:
+    """Keep the R² axis readable: values below ``floor`` (FT 10 reaches −1000) run off it."""
+    finite = [v for v in values if np.isfinite(v)]
+    if finite and min(finite) < floor:
+        ax.set_ylim(bottom=floor, top=max(1.0, max(finite)) + 0.05)
+        ax.text(0.02, 0.02, f"R² < {floor:g} off scale", transform=ax.transAxes, fontsize=8)
 
 
 def _legend_outside(fig: Figure, axes: Sequence[Axes], title: str, ncols: int = 4) -> None:
@@ -164,7 +180,7 @@ def _rotate_xticks(ax: Axes, angle: float = 35) -> None:
 
 
 def _grid_at_largest_size(grid: pd.DataFrame) -> pd.DataFrame:
-    return aggregate.at_largest_size(grid, by=("dataset",))
+    return cells.at_largest_size(grid, by=("dataset",))
 
 
 def _column_labels(cells: pd.DataFrame, meta: Meta, *, units: bool) -> list[str]:
@@ -300,7 +316,7 @@ def plot_r2_vs_ft_size(sweep: pd.DataFrame, meta: Meta, out_dir: Path, stem: str
         for source, lines in block.groupby("source", sort=True):
             lines = lines.sort_values("size")
             is_scratch = source == SCRATCH
-            _band(
+            _curve(
                 ax,
                 lines["size"],
                 lines,
@@ -312,11 +328,12 @@ def plot_r2_vs_ft_size(sweep: pd.DataFrame, meta: Meta, out_dir: Path, stem: str
                 label="Scratch" if is_scratch else prop_label(source, meta, units=False),
             )
         _log_x_at(ax, block["size"], "{x:.0f}")
+        _clip_r2_axis(ax, block["r2_mean"])
         ax.set_title(prop_label(target, meta))
         ax.set_xlabel("Fine-tuning set size")
         ax.set_ylabel("Test R²")
     _legend_outside(fig, axes, "PT source")
-    fig.suptitle("Test R² vs fine-tuning set size (mean ± std over trials)")
+    fig.suptitle("Test R² vs fine-tuning set size (mean ± 95 % CI over trials)")
     return save_figure(fig, out_dir, stem)
 
 
@@ -350,16 +367,17 @@ def plot_r2_vs_pt_size(sweep: pd.DataFrame, meta: Meta, out_dir: Path, stem: str
         for (target, size), lines in block.groupby(["dataset", "size"], sort=True):
             lines = lines.sort_values("pt_size")
             label = f"{prop_label(target, meta, units=False)} (FT n={size})"
-            _band(ax, lines["pt_size"], lines, "r2", color=colors[target], label=label)
+            _curve(ax, lines["pt_size"], lines, "r2", color=colors[target], label=label)
             scratch_r2 = lines["scratch_r2_mean"].dropna()
             if len(scratch_r2):
                 ax.axhline(scratch_r2.iloc[0], color=colors[target], linestyle=":", linewidth=1)
         _log_x_at(ax, block["pt_size"], "{x:.0f}")
+        _clip_r2_axis(ax, block["r2_mean"])
         ax.set_title(f"PT source: {prop_label(source, meta, units=False)}")
         ax.set_xlabel("Pre-training set size")
         ax.set_ylabel("Test R²")
     _legend_outside(fig, axes, "FT target (dotted line: scratch R²)", ncols=2)
-    fig.suptitle("Test R² vs pre-training set size (mean ± std over trials)")
+    fig.suptitle("Test R² vs pre-training set size (mean ± 95 % CI over trials)")
     return save_figure(fig, out_dir, stem)
 
 
@@ -368,7 +386,7 @@ def plot_r2_vs_pt_size(sweep: pd.DataFrame, meta: Meta, out_dir: Path, stem: str
 
 def _pairs_at_largest_size(table: pd.DataFrame) -> pd.DataFrame:
     """One FT size per (PT source, target) pair: the largest, as in the paper's ablations."""
-    return aggregate.at_largest_size(table, by=("pt_dataset", "dataset"))
+    return cells.at_largest_size(table, by=("pt_dataset", "dataset"))
 
 
 def _grouped_bars(
@@ -403,13 +421,13 @@ def _grouped_bars(
 
 def plot_strategies(table: pd.DataFrame, meta: Meta, out_dir: Path, stem: str) -> list[Path]:
     """Test R² (± std) and MAE gain of each fine-tuning strategy, per PT → FT pair."""
-    table = _pairs_at_largest_size(aggregate.ablation_cells(table, "strategy"))
+    table = _pairs_at_largest_size(cells.ablation_cells(table, "strategy"))
     pairs = sorted(set(zip(table["pt_dataset"], table["dataset"], strict=True)))
     colors = _palette(sorted(table["strategy"].unique()))
     fig, (top, bottom) = plt.subplots(
         2, 1, figsize=(max(7.0, 1.6 * len(pairs) + 3), 7.5), sharex=True, layout="constrained"
     )
-    _grouped_bars(top, table, "strategy", "r2_mean", "r2_std", pairs, colors)
+    _grouped_bars(top, table, "strategy", "r2_mean", "r2_ci95", pairs, colors)
     scratch = table.drop_duplicates(["pt_dataset", "dataset"]).set_index(["pt_dataset", "dataset"])
     x = np.arange(len(pairs))
     scratch_r2 = scratch.reindex(pairs)["scratch_r2_mean"]
@@ -423,8 +441,8 @@ def plot_strategies(table: pd.DataFrame, meta: Meta, out_dir: Path, stem: str) -
         linewidth=1.8,
         label="Scratch",
     )
-    top.set_ylabel("Test R² (mean ± std)")
-    _grouped_bars(bottom, table, "strategy", "gain_mae", "gain_mae_std", pairs, colors)
+    top.set_ylabel("Test R² (mean ± 95 % CI)")
+    _grouped_bars(bottom, table, "strategy", "gain_mae", "gain_mae_ci95", pairs, colors)
     bottom.axhline(0.0, color=SCRATCH_COLOR, linewidth=1)
     bottom.set_ylabel("MAE gain vs scratch (%)")
     bottom.set_xticks(x)
@@ -436,24 +454,66 @@ def plot_strategies(table: pd.DataFrame, meta: Meta, out_dir: Path, stem: str) -
 
 
 def plot_learning_rate(table: pd.DataFrame, meta: Meta, out_dir: Path, stem: str) -> list[Path]:
-    """Test R² and MAE gain vs fine-tuning learning rate, one line per PT → FT pair."""
-    table = _pairs_at_largest_size(aggregate.ablation_cells(table, "lr"))
-    pairs = sorted(set(zip(table["pt_dataset"], table["dataset"], strict=True)))
-    colors = _palette(pairs)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
-    for pair, lines in table.groupby(["pt_dataset", "dataset"], sort=True):
+    """Test R² and MAE gain vs fine-tuning learning rate, one line per pair (and strategy)."""
+    table = _pairs_at_largest_size(cells.ablation_cells(table, "lr"))
+    lines_by = ["pt_dataset", "dataset", "strategy"]
+    keys = sorted(set(table[lines_by].itertuples(index=False, name=None)))
+    several_strategies = table["strategy"].nunique() > 1
+    colors = _palette(keys)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6), layout="constrained")
+    for key, lines in table.groupby(lines_by, sort=True):
         lines = lines.sort_values("lr")
-        label = pair_label(*pair, meta)
-        _band(left, lines["lr"], lines, "r2", color=colors[pair], label=label)
-        right.plot(lines["lr"], lines["gain_mae"], marker="o", color=colors[pair], label=label)
+        label = pair_label(key[0], key[1], meta) + (f" ({key[2]})" if several_strategies else "")
+        _curve(left, lines["lr"], lines, "r2", color=colors[key], label=label)
+        right.plot(lines["lr"], lines["gain_mae"], marker="o", color=colors[key], label=label)
     for ax in (left, right):
         _log_x_at(ax, table["lr"])
         ax.set_xlabel("Fine-tuning learning rate")
-    left.set_ylabel("Test R² (mean ± std)")
+    _clip_r2_axis(left, table["r2_mean"])
+    left.set_ylabel("Test R² (mean ± 95 % CI)")
     right.set_ylabel("MAE gain vs scratch (%)")
     right.axhline(0.0, color=SCRATCH_COLOR, linewidth=1)
     _legend_outside(fig, [left], "PT → FT pair", ncols=2)
     fig.suptitle("Effect of the fine-tuning learning rate (largest FT size per pair)")
+    return save_figure(fig, out_dir, stem)
+
+
+# ----------------------------------------------------------------------------- published
+
+
+def plot_published_parity(
+    comparison: pd.DataFrame, meta: Meta, out_dir: Path, stem: str
+) -> list[Path]:
+    """Our cell means vs the published ones: one marker per cell, coloured by table (family)."""
+    counts = compare.comparison_summary(comparison)
+    tol = compare.R2_TOLERANCE
+    fig, ax = plt.subplots(figsize=(6.2, 6.0), layout="constrained")
+    x = comparison["published_r2_mean"].astype(float).clip(lower=R2_FLOOR)
+    y = comparison["r2_mean"].astype(float).clip(lower=R2_FLOOR)
+    sns.scatterplot(
+        x=x, y=y, hue=comparison["table"], style=comparison["table"], ax=ax, s=36, alpha=0.85
+    )
+    ax.plot([R2_FLOOR, 1], [R2_FLOOR, 1], color=SCRATCH_COLOR, linewidth=1, label="identity")
+    ax.fill_between(
+        [R2_FLOOR, 1],
+        [R2_FLOOR - tol, 1 - tol],
+        [R2_FLOOR + tol, 1 + tol],
+        color="0.5",
+        alpha=0.15,
+        linewidth=0,
+        label=f"±{tol}",
+    )
+    ax.set_xlim(R2_FLOOR - 0.05, 1.05)
+    ax.set_ylim(R2_FLOOR - 0.05, 1.05)
+    ax.set_aspect("equal")
+    ax.set_xlabel("Published test R² (cell mean)")
+    ax.set_ylabel("Our test R² (cell mean)")
+    ax.legend(title="table", fontsize=8, loc="upper left")
+    ax.set_title(
+        f"{counts['within']} of {counts['cells']} cells within ±{tol} R² of the published mean"
+        f"\n(values below {R2_FLOOR:g} drawn at {R2_FLOOR:g})",
+        fontsize=10,
+    )
     return save_figure(fig, out_dir, stem)
 
 
@@ -775,7 +835,18 @@ FIGURES: dict[str, str] = {
     "mpt": "mpt",
     "chains": "chains",
     "chain_curves": "chains",
+    "published_parity": "comparison",
 }
+#: the figures the paper's published runs alone can make (they come without predictions,
+#: histories, MPT or chains)
+PUBLISHED_FIGURES: tuple[str, ...] = (
+    "pairwise_r2",
+    "pairwise_mae",
+    "r2_vs_ft_size",
+    "r2_vs_pt_size",
+    "strategies",
+    "learning_rate",
+)
 
 
 def _draw(
@@ -794,7 +865,7 @@ def _draw(
             return plot_r2_vs_pt_size(t["pt_size_sweep"], meta, out, stem)
         case "strategies" | "learning_rate":
             by = "strategy" if name == "strategies" else "lr"
-            if aggregate.ablation_cells(t[name], by).empty:
+            if cells.ablation_cells(t[name], by).empty:
                 return _skip(stem, f"no cell where {by} was varied")
             draw = plot_strategies if name == "strategies" else plot_learning_rate
             return draw(t[name], meta, out, stem)
@@ -808,6 +879,8 @@ def _draw(
             return plot_chains(t["chains"], meta, out, stem)
         case "chain_curves":
             return plot_chain_curves(t["chains"], t["runs"], runs_dir, meta, out, stem)
+        case "published_parity":
+            return plot_published_parity(t["comparison"], meta, out, stem)
     raise ValueError(f"unknown figure {name!r}")
 
 
@@ -817,7 +890,13 @@ def _skip(stem: str, why: str) -> list[Path]:
 
 
 def write_figures(
-    tables_dir: Path, runs_dir: Path, out_dir: Path, meta: Meta, *, dpi: int = 200
+    tables_dir: Path,
+    runs_dir: Path,
+    out_dir: Path,
+    meta: Meta,
+    *,
+    dpi: int = 200,
+    names: Sequence[str] | None = None,
 ) -> list[Path]:
     """Draw every figure for every model; returns the PNG and PDF paths written.
 
@@ -827,6 +906,7 @@ def write_figures(
         out_dir: where ``<figure>_<model>.png``/``.pdf`` go.
         meta: data-set metadata ``key -> {"label", "units"}`` for axis labels.
         dpi: PNG resolution (PDFs are vector); lower it for quick previews and tests.
+        names: figures to draw (default: every one of :data:`FIGURES`).
     """
     tables_dir, runs_dir, out_dir = Path(tables_dir), Path(runs_dir), Path(out_dir)
     tables = load_tables(tables_dir, runs_dir)
@@ -834,7 +914,8 @@ def write_figures(
     with figure_style(dpi):
         for model in _models(tables):
             per_model = {name: _for_model(t, model) for name, t in tables.items()}
-            for name, needs in FIGURES.items():
+            for name in names or FIGURES:
+                needs = FIGURES[name]
                 stem = f"{name}_{model}"
                 if per_model[needs].empty:
                     written += _skip(stem, f"no rows in {needs}.csv")

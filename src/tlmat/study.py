@@ -28,14 +28,31 @@ def study_defaults(config: Mapping):
 
 
 def aggregate_command(
-    config: Mapping, runs_dir: Path, out_dir: Path, metric_files: Sequence[Path]
+    config: Mapping,
+    runs_dir: Path,
+    out_dir: Path,
+    metric_files: Sequence[Path],
+    published: Path | None = None,
 ) -> list[Path]:
+    """Our runs' tables, compared with ``published`` (default: ``published_results``) if set."""
     from tlmat.aggregate import write_tables
+    from tlmat.report.published import read_published_runs
 
     files = list(metric_files) or sorted(Path(runs_dir).rglob("metrics.json"))
     if not files:
         raise DataError(f"{runs_dir}: no metrics.json files to aggregate")
-    return write_tables(files, out_dir, study_defaults(config), dataset_meta(config))
+    published = published or config.get("published_results")
+    theirs = read_published_runs(published) if published else None
+    return write_tables(files, out_dir, study_defaults(config), dataset_meta(config), theirs)
+
+
+def paper_tables_command(config: Mapping, published: Path, out_dir: Path) -> list[Path]:
+    """The paper's tables from its published per-run results alone (nothing is trained)."""
+    from tlmat.aggregate import write_tables
+    from tlmat.report.published import read_published_runs
+
+    runs = read_published_runs(published)
+    return write_tables(runs, out_dir, study_defaults(config), dataset_meta(config))
 
 
 def figures_command(
@@ -44,6 +61,7 @@ def figures_command(
     runs_dir: Path,
     out_dir: Path,
     expected: Sequence[str] = (),
+    names: Sequence[str] | None = None,
 ) -> list[Path]:
     """Draw every figure; an ``expected`` figure without data gets a page that says so.
 
@@ -55,7 +73,7 @@ def figures_command(
 
     if not (Path(tables_dir) / "runs.csv").is_file():
         raise DataError(f"{tables_dir}: no runs.csv; run `tlmat aggregate` first")
-    written = write_figures(tables_dir, runs_dir, out_dir, dataset_meta(config))
+    written = write_figures(tables_dir, runs_dir, out_dir, dataset_meta(config), names=names)
     stems = {path.stem for path in written}
     for stem in expected:
         if stem not in stems:

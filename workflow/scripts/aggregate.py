@@ -12,9 +12,11 @@ from tlmat.study import aggregate_command
 
 logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, force=True)  # noqa: F821
 config = load_config([snakemake.params.config])  # noqa: F821
+published = snakemake.input.published  # noqa: F821
 aggregate_command(
     config,
-    Path(snakemake.input[0]).parent,  # noqa: F821 - unused: the files are given
+    Path(snakemake.input.metrics[0]).parent,  # noqa: F821 - unused: the files are given
     Path(snakemake.output[0]).parent,  # noqa: F821
-    [Path(p) for p in snakemake.input],  # noqa: F821
+    [Path(p) for p in snakemake.input.metrics],  # noqa: F821
+    Path(published[0]) if published else None,
 )
