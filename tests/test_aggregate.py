@@ -16,6 +16,7 @@ import pytest
 
 from tlmat import aggregate
 from tlmat.aggregate import StudyDefaults
+from tlmat.report import stats, summary
 
 DEFAULTS = StudyDefaults(pt_size=941, lr=1e-3, strategy="full")
 # Student t quantile t_{0.975, df=2} in closed form: (2p - 1) / sqrt(2 p (1 - p)), p = 0.975.
@@ -204,36 +205,40 @@ def test_collect_runs_rejects_duplicate_run_ids(tmp_path: Path) -> None:
 
 
 def test_collect_runs_empty_has_header() -> None:
-    assert list(aggregate.collect_runs([]).columns) == list(aggregate.RUN_COLUMNS)
+    assert list(aggregate.collect_runs([]).columns) == [
+        *aggregate.RUN_COLUMNS,
+        *aggregate.OPTIONAL_RUN_COLUMNS,
+    ]
 
 
 # ----------------------------------------------------------------------------- statistics
 
 
 def test_describe_ci_uses_t_distribution() -> None:
-    out = aggregate.describe([0.5, 1.5, 2.0], "mae")
+    out = stats.describe([0.5, 1.5, 2.0], "mae")
     std = math.sqrt(((0.5 - 4 / 3) ** 2 + (1.5 - 4 / 3) ** 2 + (2.0 - 4 / 3) ** 2) / 2)
     assert out["mae_mean"] == pytest.approx(4 / 3)
     assert out["mae_std"] == pytest.approx(std)
     assert out["mae_ci95"] == pytest.approx(T975_DF2 * std / math.sqrt(3))
-    single = aggregate.describe([2.0, float("nan")], "r2")
+    single = stats.describe([2.0, float("nan")], "r2")
     assert (
         single["r2_mean"] == 2.0 and math.isnan(single["r2_std"]) and math.isnan(single["r2_ci95"])
     )
 
 
-def test_paired_gains_sign_and_negative_scratch_r2() -> None:
-    gain_r2, gain_mae = aggregate.paired_gains([0.0, 0.9], [-0.5, 0.0], [1.0, 2.0], [2.0, 1.0])
-    assert gain_r2[0] == pytest.approx(100.0)  # relative to |r2_scr|, so TL better -> positive
-    assert math.isnan(gain_r2[1])  # scratch R² of exactly zero: undefined, not inf
-    assert gain_mae == pytest.approx([50.0, -100.0])
+def test_relative_gain_sign_and_negative_scratch_r2() -> None:
+    # relative to |scratch R²|, so a TL better than a negative scratch R² is positive
+    assert stats.relative_gain(0.0, -0.5, lower_is_better=False) == pytest.approx(100.0)
+    assert math.isnan(stats.relative_gain(0.9, 0.0, lower_is_better=False))  # undefined, not inf
+    assert stats.relative_gain(1.0, 2.0, lower_is_better=True) == pytest.approx(50.0)
+    assert stats.relative_gain(2.0, 1.0, lower_is_better=True) == pytest.approx(-100.0)
 
 
 def test_paired_p_value_matches_closed_form() -> None:
     # differences 0.5, 0.5, 1.0: mean 2/3, sd sqrt(1/12), t = 4, df = 2
-    assert aggregate.paired_p_value([0.5, 1.5, 2.0], [1.0, 2.0, 3.0]) == pytest.approx(P_T4_DF2)
-    assert math.isnan(aggregate.paired_p_value([0.5], [1.0]))
-    assert math.isnan(aggregate.paired_p_value([0.8, 1.8], [1.0, 2.0]))  # constant difference
+    assert stats.paired_p_value([0.5, 1.5, 2.0], [1.0, 2.0, 3.0]) == pytest.approx(P_T4_DF2)
+    assert math.isnan(stats.paired_p_value([0.5], [1.0]))
+    assert math.isnan(stats.paired_p_value([0.8, 1.8], [1.0, 2.0]))  # constant difference
 
 
 # ----------------------------------------------------------------------------- tables
@@ -257,20 +262,68 @@ def test_pairwise_grid_gain_and_p_value_by_hand(runs: pd.DataFrame) -> None:
     assert cell["r2_mean"] == pytest.approx((0.6 + 0.9 + 0.8) / 3)
     assert cell["scratch_mae_mean"] == pytest.approx(2.0)
     assert cell["scratch_r2_mean"] == pytest.approx((0.5 + 0.6 + 0.8) / 3)
-    # per trial: MAE (1-0.5)/1, (2-1.5)/2, (3-2)/3 ; R² (0.6-0.5)/0.5, (0.9-0.6)/0.6, 0
-    assert cell["gain_mae"] == pytest.approx((50.0 + 25.0 + 100 / 3) / 3)
-    assert cell["gain_r2"] == pytest.approx((20.0 + 50.0 + 0.0) / 3)
+    # ratio of trial means: MAE (2 - 4/3)/2 ; R² (2.3/3 - 1.9/3)/(1.9/3)
+    assert cell["gain_mae"] == pytest.approx((2.0 - 4 / 3) / 2.0 * 100)
+    assert cell["gain_r2"] == pytest.approx((2.3 - 1.9) / 1.9 * 100)
     assert cell["n_pairs"] == 3
-    assert cell["p_value"] == pytest.approx(P_T4_DF2)
-    assert "ttest_rel" in cell["test"]
+    assert cell["p_mae_paired_t"] == pytest.approx(P_T4_DF2)
+    # R² improvements 0.1, 0.3, 0.0: mean 0.4/3, sd sqrt(0.07/3) -> closed-form t, df 2
+    sd = math.sqrt(((0.1 - 0.4 / 3) ** 2 + (0.3 - 0.4 / 3) ** 2 + (0.4 / 3) ** 2) / 2)
+    t = (0.4 / 3) / (sd / math.sqrt(3))
+    assert cell["p_r2_paired_t"] == pytest.approx(1 - t / math.sqrt(2 + t**2))
+    # 95 % CI of the gain: the paired MAE improvements (0.5, 0.5, 1.0) over the scratch mean
+    assert cell["gain_mae_ci95"] == pytest.approx(
+        T975_DF2 * math.sqrt(1 / 12) / math.sqrt(3) / 2.0 * 100
+    )
+    assert not cell["unstable_r2_gain"]
+
+
+def test_gain_is_ratio_of_means_where_per_trial_ratios_explode(tmp_path: Path) -> None:
+    """Scratch R² 0.01 and 0.39 in two trials: a per-trial ratio would give +3000 %."""
+    records = [
+        scratch("pz", 800, 1, 0.01, 1.0),
+        scratch("pz", 800, 2, 0.39, 1.0),
+        finetune("fe", "pz", 800, 1, 0.31, 0.9),
+        finetune("fe", "pz", 800, 2, 0.29, 0.7),
+    ]
+    runs = aggregate.collect_runs([write_run(tmp_path, r) for r in records])
+    cell = row(aggregate.pairwise_grid(runs, DEFAULTS), pt_dataset="fe")
+    per_trial_mean = ((0.31 - 0.01) / 0.01 + (0.29 - 0.39) / 0.39) / 2 * 100
+    assert per_trial_mean > 1400  # what the old formula reported
+    assert cell["gain_r2"] == pytest.approx((0.30 - 0.20) / 0.20 * 100)  # +50 %
+    assert cell["gain_mae"] == pytest.approx((1.0 - 0.8) / 1.0 * 100)
+    assert not cell["unstable_r2_gain"]  # |0.20| >= 0.1
+
+
+def test_unstable_r2_gain_flag_and_left_out_of_r2_averages(tmp_path: Path) -> None:
+    records = [
+        scratch("pz", 800, 1, 0.05, 1.0),
+        scratch("dc", 800, 1, 0.5, 1.0),
+        finetune("fe", "pz", 800, 1, 0.15, 0.9),  # +200 % R² gain on a near-zero scratch
+        finetune("fe", "dc", 800, 1, 0.55, 0.8),  # +10 %
+    ]
+    runs = aggregate.collect_runs([write_run(tmp_path, r) for r in records])
+    tables = aggregate.build_tables(runs, DEFAULTS)
+    grid = tables["pairwise_grid"]
+    assert row(grid, dataset="pz")["unstable_r2_gain"]
+    assert not row(grid, dataset="dc")["unstable_r2_gain"]
+    head = tables["headline"].set_index(["definition", "unstable_r2_cells"])
+    largest = "all pairs, largest FT size"
+    included, excluded = head.loc[(largest, "included")], head.loc[(largest, "excluded")]
+    assert included["gain_r2"] == pytest.approx((200.0 + 10.0) / 2)
+    assert excluded["gain_r2"] == pytest.approx(10.0)
+    assert excluded["cells"] == 2 and excluded["cells_r2"] == 1 and excluded["unstable_cells"] == 1
+    assert included["gain_mae"] == excluded["gain_mae"] == pytest.approx((10.0 + 20.0) / 2)
+    assert included["paper_gain_r2"] == 28.4 and included["paper_gain_mae"] == 17.1
 
 
 def test_pairwise_grid_single_pair_has_no_p_value(runs: pd.DataFrame) -> None:
     cell = row(aggregate.pairwise_grid(runs, DEFAULTS), pt_dataset="bg", size=800)
     assert cell["n_pairs"] == 1
-    assert cell["gain_mae"] == pytest.approx(10.0)  # paired with scratch trial 1 only
-    assert cell["scratch_mae_mean"] == pytest.approx(1.0)
-    assert math.isnan(cell["p_value"]) and math.isnan(cell["mae_std"])
+    # the scratch cell's mean over all its trials (2.0), as the scratch table shows it
+    assert cell["scratch_mae_mean"] == pytest.approx(2.0)
+    assert cell["gain_mae"] == pytest.approx((2.0 - 0.9) / 2.0 * 100)
+    assert math.isnan(cell["p_mae_paired_t"]) and math.isnan(cell["mae_std"])
 
 
 def test_default_pt_size_none_means_largest(runs: pd.DataFrame) -> None:
@@ -317,7 +370,7 @@ def test_pt_size_sweep_keeps_every_pt_size(runs: pd.DataFrame) -> None:
     sweep = aggregate.pt_size_sweep(runs, DEFAULTS)
     small = row(sweep, pt_dataset="fe", pt_size=100, size=800)
     assert small["n"] == 1
-    assert small["gain_mae"] == pytest.approx(5.0)  # (1 - 0.95) / 1
+    assert small["gain_mae"] == pytest.approx((2.0 - 0.95) / 2.0 * 100)
     assert row(sweep, pt_dataset="fe", pt_size=941, size=800)["n"] == 3
 
 
@@ -325,9 +378,9 @@ def test_strategies_table(runs: pd.DataFrame) -> None:
     table = aggregate.strategies(runs, DEFAULTS)
     last = row(table, pt_dataset="fe", size=800, strategy="last_layer")
     assert last["n"] == 2
-    assert last["gain_mae"] == pytest.approx(((1 - 0.8) / 1 + (2 - 1.6) / 2) / 2 * 100)
+    assert last["gain_mae"] == pytest.approx((2.0 - 1.2) / 2.0 * 100)
     # differences 0.2, 0.4: t = 0.3 / 0.1 = 3 with df = 1 (Cauchy): p = 1 - 2 atan(3) / pi
-    assert last["p_value"] == pytest.approx(1 - 2 * math.atan(3) / math.pi)
+    assert last["p_mae_paired_t"] == pytest.approx(1 - 2 * math.atan(3) / math.pi)
     assert row(table, pt_dataset="fe", size=800, strategy="full")["n"] == 3
 
 
@@ -337,7 +390,8 @@ def test_learning_rate_table(runs: pd.DataFrame) -> None:
         1e-4,
         1e-3,
     ]
-    assert row(table, pt_dataset="fe", size=800, lr=1e-4)["gain_mae"] == pytest.approx(30.0)
+    assert row(table, pt_dataset="fe", size=800, lr=1e-4)["gain_mae"] == pytest.approx(65.0)
+    assert set(table["strategy"]) == {"full"}
 
 
 def test_summary_markdown_headlines(runs: pd.DataFrame) -> None:
@@ -345,23 +399,41 @@ def test_summary_markdown_headlines(runs: pd.DataFrame) -> None:
         "dc": {"label": "Dielectric constant", "units": ""},
         "fe": {"label": "Formation energy"},
     }
-    text = aggregate.summary_markdown(aggregate.build_tables(runs, DEFAULTS), meta)
+    text = summary.summary_markdown(aggregate.build_tables(runs, DEFAULTS), meta)
     assert text.startswith("# Transfer-learning study: summary")
-    # largest FT size cells: FE (36.1 %) and BG (10 %) -> mean MAE gain 23.1 %
-    assert f"{((50 + 25 + 100 / 3) / 3 + 10) / 2:+.1f}" in text
+    # the headline table leads: largest FT size cells FE (MAE gain 33.3 %) and BG (55 %)
+    first_section = text.split("## ")[1]
+    assert first_section.startswith("Headline")
+    fe, bg = (2.0 - 4 / 3) / 2.0 * 100, (2.0 - 0.9) / 2.0 * 100
+    assert "| alignn | all pairs, largest FT size | included | 2/2 | " in text
+    assert f"{(fe + bg) / 2:+.1f}" in text
     assert "| alignn | Dielectric constant (dc) | 800 | Formation energy (fe) |" in text
-    assert "**Best strategy (alignn)**: `full`" in text
+    assert "Holm–Bonferroni-adjusted" in text
     # ablations compare levels only in cells where they were varied (FE->DC at 800 here), so
     # the default level is not averaged over the whole grid
-    assert "**Best learning rate (alignn)**: `0.001`" in text
-    assert "| alignn | 0.001 | 1 | +23.3 | +36.1 |" in text
-    assert "| alignn | 0.0001 | 1 | +16.0 | +30.0 |" in text
-    assert "| alignn | last_layer | 1 | +9.2 | +20.0 |" in text
+    assert "**Best learning rate (alignn)**: `0.0001`" in text
+    r2_gain = {lr: (r2 - 1.9 / 3) / (1.9 / 3) * 100 for lr, r2 in (("lr", 0.58), ("last", 0.6))}
+    assert f"| alignn | 0.0001 | 1 | {r2_gain['lr']:+.1f} | +65.0 | 0 |" in text
+    assert f"| alignn | last_layer | 1 | {r2_gain['last']:+.1f} | +40.0 | 0 |" in text
+
+
+def test_summary_significance_uses_holm_adjusted_p() -> None:
+    """Three cells at raw p < 0.05; after Holm only the smallest survives."""
+    grid = pd.DataFrame(
+        {
+            "model": "m",
+            "gain_mae": [10.0, 10.0, 10.0],
+            "p_mae_paired_t_holm": stats.adjust_p_values([0.01, 0.03, 0.04]),
+            "negative_transfer": False,
+            "unstable_r2_gain": False,
+        }
+    )
+    assert summary._grid_rows(grid) == [["m", "3", "3/3", "1/3", "0", "0"]]
 
 
 def test_summary_markdown_without_runs() -> None:
     empty = aggregate.collect_runs([])
-    text = aggregate.summary_markdown(aggregate.build_tables(empty, DEFAULTS))
+    text = summary.summary_markdown(aggregate.build_tables(empty, DEFAULTS))
     assert "No runs found." in text and "_No runs in this family._" in text
 
 
@@ -382,6 +454,8 @@ def test_write_tables_writes_every_file(study: list[Path], tmp_path: Path) -> No
         "learning_rate.csv",
         "mpt.csv",
         "chains.csv",
+        "headline.csv",
+        "comparison.csv",
         "summary.md",
     ]
     assert all(p.stat().st_size > 0 for p in written)
@@ -427,5 +501,22 @@ def test_negative_transfer_flags_significantly_worse_tl_only() -> None:
     flags = dict(zip(table["pt_dataset"], table["negative_transfer"], strict=True))
     assert flags == {"bad": True, "good": False, "noisy": False}
     bad = table.set_index("pt_dataset").loc["bad"]
-    assert bad["p_value"] < aggregate.ALPHA and bad["gain_mae"] < 0
-    assert table["test"].str.startswith("paired t-test").all()
+    assert bad["p_mae_paired_t_holm"] < stats.ALPHA and bad["gain_mae"] < 0
+    # Holm over the table's three cells: the smallest p times 3
+    assert bad["p_mae_paired_t_holm"] == pytest.approx(3 * table["p_mae_paired_t"].min())
+
+
+def test_negative_transfer_uses_adjusted_p() -> None:
+    """Raw p 0.04 (< 0.05) in 3 cells: Holm lifts the larger two above 0.05."""
+    gain = pd.Series([-5.0, -5.0, -5.0])
+    adjusted = stats.adjust_p_values([0.04, 0.01, 0.045])  # 0.08, 0.03, 0.08
+    assert stats.negative_transfer(gain, pd.Series([0.04, 0.01, 0.045])).tolist() == [True] * 3
+    assert stats.negative_transfer(gain, adjusted).tolist() == [False, True, False]
+
+
+def test_holm_adjustment_by_hand() -> None:
+    # sorted p 0.01, 0.02, 0.04, 0.30 -> 4*0.01, max(3*0.02, .), max(2*0.04, .), max(0.30, .)
+    adjusted = stats.adjust_p_values([0.04, 0.01, float("nan"), 0.30, 0.02])
+    assert adjusted.iloc[:2].tolist() == pytest.approx([0.08, 0.04])
+    assert math.isnan(adjusted.iloc[2])
+    assert adjusted.iloc[3:].tolist() == pytest.approx([0.30, 0.06])

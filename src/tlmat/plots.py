@@ -252,10 +252,14 @@ def _mean_std_annot(mean: pd.DataFrame, std: pd.DataFrame, spec: str) -> np.ndar
     return text
 
 
-def _gain_annot(gain: pd.DataFrame) -> np.ndarray:
-    return np.vectorize(lambda v: "" if np.isnan(v) else f"{v:+.0f}%", otypes=[object])(
-        gain.to_numpy(float)
-    )
+def _gain_annot(gain: pd.DataFrame, unstable: pd.DataFrame) -> np.ndarray:
+    """'+5%' per cell; '†' marks an unstable R² gain (scratch R² near zero)."""
+    text = np.full(gain.shape, "", dtype=object)
+    flags = unstable.reindex_like(gain).fillna(False).to_numpy(bool)
+    for (i, j), value in np.ndenumerate(gain.to_numpy(float)):
+        if not np.isnan(value):
+            text[i, j] = f"{value:+.0f}%" + ("†" if flags[i, j] else "")
+    return text
 
 
 def plot_pairwise(
@@ -286,11 +290,15 @@ def plot_pairwise(
     annot = _mean_std_annot(mean, std, ".2f" if metric == "r2" else ".3g")
     _heatmap(left, colored, annot, cbar, (col_labels, row_labels), **kw)
     left.set_title(f"Test {'R²' if metric == 'r2' else 'MAE'} (mean ± std over trials)")
-    limit = max(5.0, float(np.nanmax(np.abs(gain.to_numpy(float)), initial=0.0)))
+    # unstable R² gains (scratch R² near 0) would set the colour scale for every other cell
+    unstable = cells.pivot(index="pt_dataset", columns="dataset", values="unstable_r2_gain")
+    unstable = unstable.astype(bool) & (metric == "r2")
+    scaled = gain.to_numpy(float)[~unstable.reindex_like(gain).fillna(False).to_numpy(bool)]
+    limit = max(5.0, float(np.nanmax(np.abs(scaled), initial=0.0)))
     _heatmap(
         right,
         gain,
-        _gain_annot(gain),
+        _gain_annot(gain, unstable),
         f"{'R²' if metric == 'r2' else 'MAE'} gain vs scratch (%)",
         (col_labels, [short_label(r, meta, 18) for r in gain.index]),
         cmap="RdBu",
@@ -298,7 +306,8 @@ def plot_pairwise(
         vmin=-limit,
         vmax=limit,
     )
-    right.set_title("Gain over scratch (positive = TL better)")
+    note = "; † unstable: |scratch R²| < 0.1, off the colour scale" if unstable.any().any() else ""
+    right.set_title(f"Gain over scratch (positive = TL better{note})")
     return save_figure(fig, out_dir, stem)
 
 
@@ -405,7 +414,7 @@ def _grouped_bars(
         sub = table[table[hue] == level].set_index(["pt_dataset", "dataset"])
         sub = sub.reindex(pairs)
         x = np.arange(len(pairs)) - 0.4 + width * (k + 0.5)
-        yerr = sub[error].fillna(0.0).to_numpy(float) if error else None
+        yerr = sub[error].to_numpy(float) if error else None  # NaN (n < 2): no bar drawn
         ax.bar(
             x,
             sub[value].to_numpy(float),
