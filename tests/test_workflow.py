@@ -35,12 +35,26 @@ TINY_STUDY = {
 }
 
 
+# published runs of two of the tiny study's cells, in the published file's format
+PUBLISHED_CSV = (
+    "experiment,pt_property,pt_size,ft_property,ft_size,strategy,learning_rate,trial,n_test,"
+    "r2,mae,dup_group,source_path\n"
+    """scratch,none,,aa,20,scratch,,1,6,0.10,0.5,,S/aa/T1/p.csv
+scratch,none,,aa,20,scratch,,2,6,0.20,0.4,,S/aa/T2/p.csv
+pairwise_pt941,aa,30,bb,20,ALL-UF,,1,6,0.30,0.3,,P/aa/T1/bb/p.csv
+pairwise_pt941,aa,30,bb,20,ALL-UF,,2,6,0.50,0.2,,P/aa/T2/bb/p.csv
+"""
+)
+
+
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("study")
     synthetic_data_dir(workdir, {k: 60 for k in [*KEYS, OOD]})
     (workdir / "config.yaml").write_text((ROOT / "config.yaml").read_text())
-    (workdir / "tiny.yaml").write_text(yaml.safe_dump({**TINY_STUDY, "data_dir": "data"}))
+    (workdir / "published.csv").write_text(PUBLISHED_CSV)
+    tiny = {**TINY_STUDY, "data_dir": "data", "published_results": "published.csv"}
+    (workdir / "tiny.yaml").write_text(yaml.safe_dump(tiny))
     result = run_snakemake(workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir
@@ -71,7 +85,7 @@ def test_tables_cover_the_whole_grid(study):
     assert (mpt["n"] == 2).all() and (mpt["n_pairs"] == 2).all()
     assert mpt["best_pairwise_source"].notna().all() and (mpt["n_pairs_vs_pairwise"] == 2).all()
     assert (grid["n"] == 2).all() and grid["r2_mean"].notna().all()
-    assert grid["gain_mae"].notna().all() and grid["p_value"].notna().any()
+    assert grid["gain_mae"].notna().all() and grid["p_mae_paired_t"].notna().any()
     strategies = pd.read_csv(tables / "strategies.csv")
     assert set(strategies["strategy"]) == {"full", "last_layer", "new_head"}
     assert set(pd.read_csv(tables / "pt_size_sweep.csv")["pt_size"]) == {20, 30}
@@ -87,6 +101,21 @@ def test_tables_cover_the_whole_grid(study):
     assert {"chains_cgcnn.png", "chain_curves_cgcnn.png", "mpt_cgcnn.png"} <= set(figures)
     assert "pairwise_r2_cgcnn.png" in figures and "parity_cgcnn.pdf" in figures
     assert all((study / "results" / "figures" / f).stat().st_size > 1000 for f in figures)
+
+
+def test_comparison_with_published_runs(study):
+    tables = study / "results" / "tables"
+    comparison = pd.read_csv(tables / "comparison.csv")
+    cells = set(zip(comparison["table"], comparison["pt_dataset"].fillna(""), strict=True))
+    assert {("scratch", ""), ("pairwise_grid", "aa")} <= cells
+    grid = pd.read_csv(tables / "pairwise_grid.csv").set_index(["pt_dataset", "dataset"])
+    assert grid.loc[("aa", "bb"), "published_r2_mean"] == pytest.approx(0.4)
+    assert grid.loc[("aa", "bb"), "delta_r2"] == pytest.approx(
+        grid.loc[("aa", "bb"), "r2_mean"] - 0.4
+    )
+    assert "## Comparison with the published runs" in (tables / "summary.md").read_text()
+    parity = study / "results" / "figures" / "published_parity_cgcnn.png"
+    assert parity.stat().st_size > 10_000
 
 
 def test_second_run_has_nothing_to_do_and_one_deleted_run_reruns_alone(study):

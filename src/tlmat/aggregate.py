@@ -402,6 +402,8 @@ def _by_family(ft: pd.DataFrame, families: Sequence[str], untagged: pd.Series) -
     guessing from defaults (its learning rate is often not even recorded); our runs are shared
     between families and are placed by the study defaults instead.
     """
+    if "family" not in ft.columns:  # a hand-built frame without the optional column
+        return ft[untagged]
     tagged = ft["family"].notna()
     return ft[(tagged & ft["family"].isin(list(families))) | (~tagged & untagged)]
 
