@@ -1,4 +1,4 @@
-"""Turn the per-run ``metrics.json`` files into the study's tables and a Markdown summary.
+"""Turn run records (our ``metrics.json`` files, or published runs) into the study's tables.
 
 Every training run writes its own ``results/runs/<run-id>/metrics.json`` so that runs can be
 executed, retried and cached independently. The paper's claims, however, are about averages
@@ -10,8 +10,10 @@ this module is the single place where runs are
   fine-tuning strategies, learning rates) using :class:`StudyDefaults` to tell the "plain"
   runs apart from the ablations,
 * summarised over trials (mean, sample std, 95 % t confidence half-width) and compared with
-  the scratch baseline *trial by trial* (same model, target, FT size and trial, hence the same
-  split and seed), which is what makes the gain and the paired t-test meaningful.
+  the scratch baseline: gains from the cell means, paired tests trial by trial (same model,
+  target, FT size and trial, hence the same split and seed),
+* set beside published results of the same cells (:mod:`tlmat.report.compare`) and written
+  with the headline table and ``summary.md`` (:mod:`tlmat.report.summary`).
 
 Conventions used by every table (the statistics live in :mod:`tlmat.report.stats`):
 
