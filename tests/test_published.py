@@ -171,76 +171,37 @@ def test_snakemake_paper_target_plans_tables_then_figures(tmp_path) -> None:
 # ----------------------------------------------------------------------------- comparison
 
 
-def _cell(**keys) -> dict:
-    base = {"model": "cgcnn", "n": 1, "r2_std": math.nan, "mae_std": math.nan}
-    return {**base, **keys}
+def _cell(pt: str, ds: str, size: int, strategy: str, lr: float, r2: float, mae: float) -> dict:
+    """One table cell (PT 941) as our tables or the published ones hold it."""
+    return {
+        "model": "cgcnn",
+        "pt_dataset": pt,
+        "pt_size": 941,
+        "dataset": ds,
+        "size": size,
+        "strategy": strategy,
+        "lr": lr,
+        "n": 1,
+        "r2_mean": r2,
+        "r2_std": math.nan,
+        "mae_mean": mae,
+        "mae_std": math.nan,
+    }
 
 
 def test_with_published_matches_on_all_keys_but_model_and_lr_wildcard() -> None:
     keys = ("model", "pt_dataset", "pt_size", "dataset", "size", "strategy", "lr")
     ours = pd.DataFrame(
         [
-            _cell(
-                pt_dataset="bg",
-                pt_size=941,
-                dataset="dc",
-                size=800,
-                strategy="full",
-                lr=1e-3,
-                r2_mean=0.60,
-                mae_mean=0.02,
-            ),
-            _cell(
-                pt_dataset="bg",
-                pt_size=941,
-                dataset="dc",
-                size=800,
-                strategy="last_layer",
-                lr=1e-3,
-                r2_mean=0.10,
-                mae_mean=0.05,
-            ),
-            _cell(
-                pt_dataset="fe",
-                pt_size=941,
-                dataset="bg",
-                size=500,
-                strategy="full",
-                lr=1e-2,
-                r2_mean=0.50,
-                mae_mean=0.2,
-            ),
+            _cell("bg", "dc", 800, "full", 1e-3, 0.60, 0.02),
+            _cell("bg", "dc", 800, "last_layer", 1e-3, 0.10, 0.05),
+            _cell("fe", "bg", 500, "full", 1e-2, 0.50, 0.2),
         ]
     )
     theirs = pd.DataFrame(
         [
-            {
-                **_cell(
-                    pt_dataset="bg",
-                    pt_size=941,
-                    dataset="dc",
-                    size=800,
-                    strategy="full",
-                    lr=np.nan,
-                    r2_mean=0.64,
-                    mae_mean=0.018,
-                ),
-                "model": "alignn",
-                "n": 5,
-            },
-            {
-                **_cell(
-                    pt_dataset="fe",
-                    pt_size=941,
-                    dataset="bg",
-                    size=500,
-                    strategy="full",
-                    lr=1e-2,
-                    r2_mean=0.54,
-                    mae_mean=0.17,
-                ),
-                "model": "alignn",
-            },
+            {**_cell("bg", "dc", 800, "full", np.nan, 0.64, 0.018), "model": "alignn", "n": 5},
+            {**_cell("fe", "bg", 500, "full", 1e-2, 0.54, 0.17), "model": "alignn"},
         ]
     )
     merged = compare.with_published(ours, theirs, keys)

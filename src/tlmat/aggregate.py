@@ -421,11 +421,6 @@ def plain_finetune_runs(runs: pd.DataFrame, defaults: StudyDefaults) -> pd.DataF
     return _by_family(ft, ["pairwise"], plain)
 
 
-def _at_default_pt_size(runs: pd.DataFrame, defaults: StudyDefaults) -> pd.Series:
-    """PT-size default is resolved over *all* fine-tuning runs so every table agrees on it."""
-    return _pt_size_is_default(runs, defaults.pt_size)
-
-
 # ----------------------------------------------------------------------------- tables
 
 
@@ -467,7 +462,7 @@ def pt_size_sweep(runs: pd.DataFrame, defaults: StudyDefaults) -> pd.DataFrame:
 def strategies(runs: pd.DataFrame, defaults: StudyDefaults) -> pd.DataFrame:
     """Every fine-tuning strategy at the default lr and PT size, with gain."""
     ft = _kind(runs, "finetune")
-    untagged = _at_default_pt_size(ft, defaults) & _lr_is(ft, defaults.lr)
+    untagged = _pt_size_is_default(ft, defaults.pt_size) & _lr_is(ft, defaults.lr)
     tl = _by_family(ft, ["strategies"], untagged)
     return summarize_with_gain(tl, scratch_runs(runs, defaults), STRATEGY_KEYS)
 
@@ -479,7 +474,7 @@ def learning_rate(runs: pd.DataFrame, defaults: StudyDefaults) -> pd.DataFrame:
     its new-head strategies, hence ``strategy`` is a key of this table.
     """
     ft = _kind(runs, "finetune")
-    untagged = _at_default_pt_size(ft, defaults) & (ft["strategy"] == defaults.strategy)
+    untagged = _pt_size_is_default(ft, defaults.pt_size) & (ft["strategy"] == defaults.strategy)
     tl = _by_family(ft, ["learning_rate"], untagged & ft["lr"].notna())
     return summarize_with_gain(tl, scratch_runs(runs, defaults), LR_KEYS)
 
