@@ -21,6 +21,10 @@ endif
 # rules call `tlmat`: the venv's bin must be on PATH for Snakemake's shell commands
 export PATH := $(abspath $(BIN)):$(PATH)
 
+# DATA_DIR: a folder of <key>.json.gz frames + splits.json that replaces the preset's data.
+# Empty (the default): `make demo` runs on the preset's own data, for the quick preset the
+# demo subset shipped in data/demo (no network, no ../shared needed);
+# `make demo DATA_DIR=../shared/data` runs the same study on the full offline pools.
 DEMO_CONFIG := $(if $(DATA_DIR),--config data_dir=$(abspath $(DATA_DIR)) splits_file=$(abspath $(DATA_DIR))/splits.json,)
 
 .PHONY: install test lint demo study paper clean-results
