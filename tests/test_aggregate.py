@@ -8,15 +8,29 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from tlmat import aggregate
-from tlmat.aggregate import StudyDefaults
 from tlmat.report import stats, summary
+from tlmat.report.names import TABLE_NAMES
+from tlmat.report.runs import OPTIONAL_RUN_COLUMNS, RUN_COLUMNS, StudyDefaults, collect_runs
+from tlmat.report.tables import (
+    TABLE_COLUMNS,
+    build_tables,
+    ft_size_sweep,
+    learning_rate,
+    pairwise_grid,
+    pt_size_sweep,
+    scratch_table,
+    strategies,
+    summarize_with_gain,
+    write_tables,
+)
 
 DEFAULTS = StudyDefaults(pt_size=941, lr=1e-3, strategy="full")
 # Student t quantile t_{0.975, df=2} in closed form: (2p - 1) / sqrt(2 p (1 - p)), p = 0.975.
@@ -138,7 +152,7 @@ def study(tmp_path: Path) -> list[Path]:
 
 @pytest.fixture()
 def runs(study: list[Path]) -> pd.DataFrame:
-    return aggregate.collect_runs(study)
+    return collect_runs(study)
 
 
 def row(table: pd.DataFrame, **keys: object) -> pd.Series:
@@ -156,14 +170,14 @@ def row(table: pd.DataFrame, **keys: object) -> pd.Series:
 def test_collect_runs_one_sorted_row_per_run(runs: pd.DataFrame) -> None:
     assert len(runs) == len(hand_made_study())
     assert list(runs["run_id"]) == sorted(runs["run_id"])
-    assert list(runs.columns[: len(aggregate.RUN_COLUMNS)]) == list(aggregate.RUN_COLUMNS)
+    assert list(runs.columns[: len(RUN_COLUMNS)]) == list(RUN_COLUMNS)
     assert runs["size"].dtype == "Int64"
     assert runs.loc[runs["kind"] == "scratch", "pt_size"].isna().all()
 
 
 def test_collect_runs_keeps_extras_and_flattens_dicts(tmp_path: Path) -> None:
     record = run_record("scratch/dc-800/t1", host="node1", extra={"a": {"b": 2}}, tags=[1, 2])
-    runs = aggregate.collect_runs([write_run(tmp_path, record)])
+    runs = collect_runs([write_run(tmp_path, record)])
     assert runs.loc[0, "host"] == "node1"
     assert runs.loc[0, "extra.a.b"] == 2
     assert runs.loc[0, "versions.torch"] == "2.5.0"
@@ -176,7 +190,7 @@ def test_collect_runs_rejects_invalid_json(tmp_path: Path) -> None:
     bad.parent.mkdir()
     bad.write_text('{"run_id": "x", ')
     with pytest.raises(ValueError, match=r"broken/metrics\.json: not valid JSON"):
-        aggregate.collect_runs([bad])
+        collect_runs([bad])
 
 
 def test_collect_runs_rejects_missing_keys(tmp_path: Path) -> None:
@@ -184,30 +198,30 @@ def test_collect_runs_rejects_missing_keys(tmp_path: Path) -> None:
     del record["test_mae"], record["seed"]
     path = write_run(tmp_path, record)
     with pytest.raises(ValueError, match=r"metrics\.json: missing required keys: seed, test_mae"):
-        aggregate.collect_runs([path])
+        collect_runs([path])
 
 
 def test_collect_runs_rejects_non_object_and_unknown_kind(tmp_path: Path) -> None:
     listing = tmp_path / "list.json"
     listing.write_text("[1, 2]")
     with pytest.raises(ValueError, match="list.json: expected a JSON object"):
-        aggregate.collect_runs([listing])
+        collect_runs([listing])
     path = write_run(tmp_path, run_record("a/t1", kind="distill"))
     with pytest.raises(ValueError, match="unknown kind 'distill'"):
-        aggregate.collect_runs([path])
+        collect_runs([path])
 
 
 def test_collect_runs_rejects_duplicate_run_ids(tmp_path: Path) -> None:
     first = write_run(tmp_path / "a", run_record("scratch/dc-800/t1"))
     second = write_run(tmp_path / "b", run_record("scratch/dc-800/t1"))
     with pytest.raises(ValueError, match="duplicate run_id.*scratch/dc-800/t1"):
-        aggregate.collect_runs([first, second])
+        collect_runs([first, second])
 
 
 def test_collect_runs_empty_has_header() -> None:
-    assert list(aggregate.collect_runs([]).columns) == [
-        *aggregate.RUN_COLUMNS,
-        *aggregate.OPTIONAL_RUN_COLUMNS,
+    assert list(collect_runs([]).columns) == [
+        *RUN_COLUMNS,
+        *OPTIONAL_RUN_COLUMNS,
     ]
 
 
@@ -245,8 +259,8 @@ def test_paired_p_value_matches_closed_form() -> None:
 
 
 def test_pairwise_grid_shape_and_plain_runs_only(runs: pd.DataFrame) -> None:
-    grid = aggregate.pairwise_grid(runs, DEFAULTS)
-    assert list(grid.columns) == list(aggregate.TABLE_COLUMNS["pairwise_grid"])
+    grid = pairwise_grid(runs, DEFAULTS)
+    assert list(grid.columns) == list(TABLE_COLUMNS["pairwise_grid"])
     cells = set(zip(grid["pt_dataset"], grid["dataset"], grid["size"], strict=True))
     assert cells == {("fe", "dc", 100), ("fe", "dc", 800), ("bg", "dc", 800)}
     assert set(grid["pt_size"]) == {941}
@@ -255,7 +269,7 @@ def test_pairwise_grid_shape_and_plain_runs_only(runs: pd.DataFrame) -> None:
 
 
 def test_pairwise_grid_gain_and_p_value_by_hand(runs: pd.DataFrame) -> None:
-    cell = row(aggregate.pairwise_grid(runs, DEFAULTS), pt_dataset="fe", size=800)
+    cell = row(pairwise_grid(runs, DEFAULTS), pt_dataset="fe", size=800)
     std_mae = math.sqrt(((0.5 - 4 / 3) ** 2 + (1.5 - 4 / 3) ** 2 + (2.0 - 4 / 3) ** 2) / 2)
     assert cell["mae_mean"] == pytest.approx(4 / 3)
     assert cell["mae_ci95"] == pytest.approx(T975_DF2 * std_mae / math.sqrt(3))
@@ -286,8 +300,8 @@ def test_gain_is_ratio_of_means_where_per_trial_ratios_explode(tmp_path: Path) -
         finetune("fe", "pz", 800, 1, 0.31, 0.9),
         finetune("fe", "pz", 800, 2, 0.29, 0.7),
     ]
-    runs = aggregate.collect_runs([write_run(tmp_path, r) for r in records])
-    cell = row(aggregate.pairwise_grid(runs, DEFAULTS), pt_dataset="fe")
+    runs = collect_runs([write_run(tmp_path, r) for r in records])
+    cell = row(pairwise_grid(runs, DEFAULTS), pt_dataset="fe")
     per_trial_mean = ((0.31 - 0.01) / 0.01 + (0.29 - 0.39) / 0.39) / 2 * 100
     assert per_trial_mean > 1400  # what the old formula reported
     assert cell["gain_r2"] == pytest.approx((0.30 - 0.20) / 0.20 * 100)  # +50 %
@@ -302,8 +316,8 @@ def test_unstable_r2_gain_flag_and_left_out_of_r2_averages(tmp_path: Path) -> No
         finetune("fe", "pz", 800, 1, 0.15, 0.9),  # +200 % R² gain on a near-zero scratch
         finetune("fe", "dc", 800, 1, 0.55, 0.8),  # +10 %
     ]
-    runs = aggregate.collect_runs([write_run(tmp_path, r) for r in records])
-    tables = aggregate.build_tables(runs, DEFAULTS)
+    runs = collect_runs([write_run(tmp_path, r) for r in records])
+    tables = build_tables(runs, DEFAULTS)
     grid = tables["pairwise_grid"]
     assert row(grid, dataset="pz")["unstable_r2_gain"]
     assert not row(grid, dataset="dc")["unstable_r2_gain"]
@@ -318,7 +332,7 @@ def test_unstable_r2_gain_flag_and_left_out_of_r2_averages(tmp_path: Path) -> No
 
 
 def test_pairwise_grid_single_pair_has_no_p_value(runs: pd.DataFrame) -> None:
-    cell = row(aggregate.pairwise_grid(runs, DEFAULTS), pt_dataset="bg", size=800)
+    cell = row(pairwise_grid(runs, DEFAULTS), pt_dataset="bg", size=800)
     assert cell["n_pairs"] == 1
     # the scratch cell's mean over all its trials (2.0), as the scratch table shows it
     assert cell["scratch_mae_mean"] == pytest.approx(2.0)
@@ -327,15 +341,15 @@ def test_pairwise_grid_single_pair_has_no_p_value(runs: pd.DataFrame) -> None:
 
 
 def test_default_pt_size_none_means_largest(runs: pd.DataFrame) -> None:
-    by_none = aggregate.pairwise_grid(runs, StudyDefaults(pt_size=None, lr=1e-3))
-    by_map = aggregate.pairwise_grid(runs, StudyDefaults(pt_size={"fe": 941, "bg": 941}, lr=1e-3))
-    pd.testing.assert_frame_equal(by_none, aggregate.pairwise_grid(runs, DEFAULTS))
+    by_none = pairwise_grid(runs, StudyDefaults(pt_size=None, lr=1e-3))
+    by_map = pairwise_grid(runs, StudyDefaults(pt_size={"fe": 941, "bg": 941}, lr=1e-3))
+    pd.testing.assert_frame_equal(by_none, pairwise_grid(runs, DEFAULTS))
     pd.testing.assert_frame_equal(by_map, by_none)
 
 
 def test_scratch_table(runs: pd.DataFrame) -> None:
-    table = aggregate.scratch_table(runs)
-    assert list(table.columns) == list(aggregate.TABLE_COLUMNS["scratch"])
+    table = scratch_table(runs)
+    assert list(table.columns) == list(TABLE_COLUMNS["scratch"])
     small = row(table, dataset="dc", size=100)
     assert small["n"] == 2
     assert small["mae_mean"] == pytest.approx(4.5)
@@ -346,16 +360,16 @@ def test_scratch_table(runs: pd.DataFrame) -> None:
 def test_ambiguous_scratch_baseline_is_an_error(tmp_path: Path) -> None:
     records = [scratch("dc", 800, 1, 0.5, 1.0), scratch("dc", 800, 1, 0.4, 1.1, lr=1e-4)]
     records[1]["run_id"] = "scratch/dc-800/lr1e-4/t1"
-    runs = aggregate.collect_runs([write_run(tmp_path, r) for r in records])
+    runs = collect_runs([write_run(tmp_path, r) for r in records])
     with pytest.raises(ValueError, match="ambiguous scratch baseline"):
-        aggregate.scratch_table(runs)
-    picked = aggregate.scratch_table(runs, StudyDefaults(pt_size=None, lr=1e-3, scratch_lr=1e-3))
+        scratch_table(runs)
+    picked = scratch_table(runs, StudyDefaults(pt_size=None, lr=1e-3, scratch_lr=1e-3))
     assert picked["mae_mean"].tolist() == [1.0]
 
 
 def test_ft_size_sweep_has_scratch_source(runs: pd.DataFrame) -> None:
-    sweep = aggregate.ft_size_sweep(runs, DEFAULTS)
-    assert list(sweep.columns) == list(aggregate.TABLE_COLUMNS["ft_size_sweep"])
+    sweep = ft_size_sweep(runs, DEFAULTS)
+    assert list(sweep.columns) == list(TABLE_COLUMNS["ft_size_sweep"])
     assert set(zip(sweep["source"], sweep["size"], strict=True)) == {
         ("scratch", 100),
         ("scratch", 800),
@@ -367,7 +381,7 @@ def test_ft_size_sweep_has_scratch_source(runs: pd.DataFrame) -> None:
 
 
 def test_pt_size_sweep_keeps_every_pt_size(runs: pd.DataFrame) -> None:
-    sweep = aggregate.pt_size_sweep(runs, DEFAULTS)
+    sweep = pt_size_sweep(runs, DEFAULTS)
     small = row(sweep, pt_dataset="fe", pt_size=100, size=800)
     assert small["n"] == 1
     assert small["gain_mae"] == pytest.approx((2.0 - 0.95) / 2.0 * 100)
@@ -375,7 +389,7 @@ def test_pt_size_sweep_keeps_every_pt_size(runs: pd.DataFrame) -> None:
 
 
 def test_strategies_table(runs: pd.DataFrame) -> None:
-    table = aggregate.strategies(runs, DEFAULTS)
+    table = strategies(runs, DEFAULTS)
     last = row(table, pt_dataset="fe", size=800, strategy="last_layer")
     assert last["n"] == 2
     assert last["gain_mae"] == pytest.approx((2.0 - 1.2) / 2.0 * 100)
@@ -385,7 +399,7 @@ def test_strategies_table(runs: pd.DataFrame) -> None:
 
 
 def test_learning_rate_table(runs: pd.DataFrame) -> None:
-    table = aggregate.learning_rate(runs, DEFAULTS)
+    table = learning_rate(runs, DEFAULTS)
     assert sorted(table.loc[(table["pt_dataset"] == "fe") & (table["size"] == 800), "lr"]) == [
         1e-4,
         1e-3,
@@ -399,7 +413,7 @@ def test_summary_markdown_headlines(runs: pd.DataFrame) -> None:
         "dc": {"label": "Dielectric constant", "units": ""},
         "fe": {"label": "Formation energy"},
     }
-    text = summary.summary_markdown(aggregate.build_tables(runs, DEFAULTS), meta)
+    text = summary.summary_markdown(build_tables(runs, DEFAULTS), meta)
     assert text.startswith("# Transfer-learning study: summary")
     # the headline table leads: largest FT size cells FE (MAE gain 33.3 %) and BG (55 %)
     first_section = text.split("## ")[1]
@@ -432,8 +446,8 @@ def test_summary_significance_uses_holm_adjusted_p() -> None:
 
 
 def test_summary_markdown_without_runs() -> None:
-    empty = aggregate.collect_runs([])
-    text = summary.summary_markdown(aggregate.build_tables(empty, DEFAULTS))
+    empty = collect_runs([])
+    text = summary.summary_markdown(build_tables(empty, DEFAULTS))
     assert "No runs found." in text and "_No runs in this family._" in text
 
 
@@ -442,7 +456,7 @@ def test_summary_markdown_without_runs() -> None:
 
 def test_write_tables_writes_every_file(study: list[Path], tmp_path: Path) -> None:
     out = tmp_path / "tables"
-    written = aggregate.write_tables(study, out, DEFAULTS)
+    written = write_tables(study, out, DEFAULTS)
     names = [p.name for p in written]
     assert names == [
         "runs.csv",
@@ -465,11 +479,28 @@ def test_write_tables_writes_every_file(study: list[Path], tmp_path: Path) -> No
     assert pd.read_csv(out / "runs.csv")["run_id"].is_unique
 
 
+def test_tables_are_the_registered_ones_in_order(runs: pd.DataFrame) -> None:
+    # the workflow declares TABLE_NAMES as outputs: a table missing here would fail the rule
+    assert list(build_tables(runs, DEFAULTS)) == list(TABLE_NAMES)
+    assert ("runs", *TABLE_COLUMNS) == TABLE_NAMES
+
+
+def test_name_registry_imports_without_heavy_packages() -> None:
+    # Snakemake imports tlmat.report.names every time it parses the workflow
+    code = (
+        "import sys, tlmat.report.names; "
+        "print(sorted(m for m in ('pandas', 'matplotlib', 'torch') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 def test_write_tables_empty_families_have_headers(tmp_path: Path) -> None:
     only_scratch = [write_run(tmp_path / "runs", scratch("dc", 800, 1, 0.5, 1.0))]
     out = tmp_path / "tables"
-    aggregate.write_tables(only_scratch, out, DEFAULTS)
-    for name, columns in aggregate.TABLE_COLUMNS.items():
+    write_tables(only_scratch, out, DEFAULTS)
+    for name, columns in TABLE_COLUMNS.items():
         table = pd.read_csv(out / f"{name}.csv")
         assert list(table.columns) == list(columns), name
     assert len(pd.read_csv(out / "pairwise_grid.csv")) == 0
@@ -497,7 +528,7 @@ def test_negative_transfer_flags_significantly_worse_tl_only() -> None:
     worse = runs("finetune", "bad", [1.5, 1.62, 1.41])  # worse in every trial, consistently
     better = runs("finetune", "good", [0.5, 0.6, 0.45])
     noisy = runs("finetune", "noisy", [1.2, 0.8, 1.0])  # worse on average, not significantly
-    table = aggregate.summarize_with_gain(pd.concat([worse, better, noisy]), scratch, keys)
+    table = summarize_with_gain(pd.concat([worse, better, noisy]), scratch, keys)
     flags = dict(zip(table["pt_dataset"], table["negative_transfer"], strict=True))
     assert flags == {"bad": True, "good": False, "noisy": False}
     bad = table.set_index("pt_dataset").loc["bad"]

@@ -106,7 +106,8 @@ def _run(kind, pt, trial, r2, mae, strategy="full"):
 def test_mpt_table_compares_with_scratch_and_the_best_pairwise_source():
     import pandas as pd
 
-    from tlmat.aggregate import StudyDefaults, mpt_table
+    from tlmat.report.runs import StudyDefaults
+    from tlmat.report.tables import mpt_table
 
     runs = pd.DataFrame(
         [

@@ -11,9 +11,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tlmat import aggregate, plots
+from tlmat.report.fig_runs import best_runs
+from tlmat.report.fig_style import pair_label, prop_label
+from tlmat.report.figures import write_figures
+from tlmat.report.names import FIGURE_FAMILIES, FIGURE_TABLES, FIGURES, TABLE_NAMES
+from tlmat.report.runs import StudyDefaults
+from tlmat.report.tables import write_tables
 
-DEFAULTS = aggregate.StudyDefaults(pt_size=941, lr=1e-3)
+DEFAULTS = StudyDefaults(pt_size=941, lr=1e-3)
 META = {
     "pz": {"label": "Piezoelectric modulus", "units": "C/m²"},
     "dc": {"label": "Dielectric constant", "units": ""},
@@ -21,7 +26,8 @@ META = {
     "bg": {"label": "PBE band gap", "units": "eV"},
     "fe": {"label": "Formation energy", "units": "eV/atom"},
 }
-FIGURES = (
+#: the figures the synthetic study has data for (no MPT, chains or published comparison)
+DRAWN = (
     "pairwise_r2",
     "pairwise_mae",
     "r2_vs_ft_size",
@@ -129,7 +135,7 @@ def synthetic_study(root: Path) -> list[Path]:
 def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("study")
     runs_dir, tables_dir = root / "runs", root / "tables"
-    aggregate.write_tables(synthetic_study(runs_dir), tables_dir, DEFAULTS, META)
+    write_tables(synthetic_study(runs_dir), tables_dir, DEFAULTS, META)
     return runs_dir, tables_dir
 
 
@@ -137,8 +143,8 @@ def test_write_figures_writes_every_figure(study: tuple[Path, Path], tmp_path: P
     runs_dir, tables_dir = study
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        written = plots.write_figures(tables_dir, runs_dir, tmp_path / "fig", META, dpi=50)
-    expected = {f"{name}_alignn.{fmt}" for name in FIGURES for fmt in ("png", "pdf")}
+        written = write_figures(tables_dir, runs_dir, tmp_path / "fig", META, dpi=50)
+    expected = {f"{name}_alignn.{fmt}" for name in DRAWN for fmt in ("png", "pdf")}
     assert {p.name for p in written} == expected
     for path in written:
         head = path.read_bytes()[:8]
@@ -158,31 +164,37 @@ def test_write_figures_skips_missing_families(tmp_path: Path) -> None:
         _write_run(runs_dir, rng, run_id=f"scratch/dc-100/t{t}", dataset="dc", size=100, trial=t)
         for t in (1, 2)
     ]
-    aggregate.write_tables(files, tmp_path / "tables", DEFAULTS)
-    written = plots.write_figures(tmp_path / "tables", runs_dir, tmp_path / "fig", META, dpi=50)
+    write_tables(files, tmp_path / "tables", DEFAULTS)
+    written = write_figures(tmp_path / "tables", runs_dir, tmp_path / "fig", META, dpi=50)
     stems = {p.stem for p in written}
     assert stems == {"r2_vs_ft_size_alignn", "learning_curves_alignn", "parity_alignn"}
 
 
 def test_write_figures_without_tables_or_runs(tmp_path: Path) -> None:
-    assert (
-        plots.write_figures(tmp_path / "none", tmp_path / "none", tmp_path / "fig", {}, dpi=50)
-        == []
-    )
+    assert write_figures(tmp_path / "none", tmp_path / "none", tmp_path / "fig", {}, dpi=50) == []
+
+
+def test_every_registered_figure_has_a_table_and_a_caption() -> None:
+    # the workflow declares each figure (by family) with its caption for `snakemake --report`
+    root = Path(__file__).resolve().parents[1]
+    assert set(FIGURE_TABLES.values()) <= set(TABLE_NAMES)
+    assert list(FIGURE_FAMILIES) == list(FIGURES)
+    for name in FIGURES:
+        assert (root / "workflow" / "report" / f"{name}.rst").is_file(), name
 
 
 def test_labels_use_metadata() -> None:
-    assert plots.prop_label("fe", META) == "Formation energy (eV/atom)"
-    assert plots.prop_label("dc", META) == "Dielectric constant"
-    assert plots.prop_label("xx", META) == "XX"
-    assert plots.pair_label("fe", "dc", META) == "Formation energy → Dielectric constant"
+    assert prop_label("fe", META) == "Formation energy (eV/atom)"
+    assert prop_label("dc", META) == "Dielectric constant"
+    assert prop_label("xx", META) == "XX"
+    assert pair_label("fe", "dc", META) == "Formation energy → Dielectric constant"
 
 
 def test_best_runs_pick_highest_r2() -> None:
     runs = pd.DataFrame(
         {"run_id": ["a", "b", "c"], "dataset": ["dc", "dc", "pz"], "test_r2": [0.5, 0.7, np.nan]}
     )
-    assert plots.best_runs(runs)["run_id"].tolist() == ["b"]
+    assert best_runs(runs)["run_id"].tolist() == ["b"]
 
 
 def test_write_figures_without_scratch_baseline(tmp_path: Path) -> None:
@@ -192,10 +204,10 @@ def test_write_figures_without_scratch_baseline(tmp_path: Path) -> None:
     specs = [_ft(pt, "dc", 800, t) for pt in ("fe", "bg") for t in (1, 2)]
     specs += [_ft("fe", "dc", 800, t, strategy="last_layer") for t in (1, 2)]
     files = [_write_run(runs_dir, rng, **spec) for spec in specs]
-    aggregate.write_tables(files, tmp_path / "tables", DEFAULTS)
+    write_tables(files, tmp_path / "tables", DEFAULTS)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        written = plots.write_figures(tmp_path / "tables", runs_dir, tmp_path / "fig", META, dpi=50)
+        written = write_figures(tmp_path / "tables", runs_dir, tmp_path / "fig", META, dpi=50)
     assert {p.stem for p in written} == {
         "pairwise_r2_alignn",
         "pairwise_mae_alignn",

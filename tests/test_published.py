@@ -16,10 +16,12 @@ import pytest
 from conftest import SHARED_DATA
 from helpers import ROOT
 
-from tlmat import aggregate, plots
-from tlmat.aggregate import StudyDefaults
 from tlmat.cli import main
 from tlmat.report import compare, published
+from tlmat.report.figures import write_figures
+from tlmat.report.names import PUBLISHED_FIGURES
+from tlmat.report.runs import RUN_COLUMNS, StudyDefaults, collect_runs
+from tlmat.report.tables import build_tables, write_tables
 
 SHIPPED = ROOT / "data" / "published" / "published_runs.csv"
 REFERENCE = SHARED_DATA.parent / "reference" / "published_runs.csv"
@@ -34,7 +36,7 @@ def rows() -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def tables() -> dict[str, pd.DataFrame]:
-    return aggregate.build_tables(published.read_published_runs(SOURCE), DEFAULTS)
+    return build_tables(published.read_published_runs(SOURCE), DEFAULTS)
 
 
 def headline(tables: dict, definition: str, unstable: str = "included") -> pd.Series:
@@ -70,7 +72,7 @@ def test_records_have_the_run_contract(rows: pd.DataFrame) -> None:
         "new_head",
         "new_head_freeze",
     }
-    assert list(runs.columns[: len(aggregate.RUN_COLUMNS)]) == list(aggregate.RUN_COLUMNS)
+    assert list(runs.columns[: len(RUN_COLUMNS)]) == list(RUN_COLUMNS)
 
 
 def test_grid_means_at_ft800_equal_the_files_cell_means(rows, tables) -> None:
@@ -149,11 +151,11 @@ def test_paper_tables_and_figures_from_published_runs_alone(tmp_path) -> None:
     )
     assert pd.read_csv(out / "headline.csv")["cells"].max() == 210
     assert (out / "summary.md").read_text().split("\n## ")[1].startswith("Headline")
-    written = plots.write_figures(
-        out, tmp_path / "none", tmp_path / "figures", {}, dpi=40, names=plots.PUBLISHED_FIGURES
+    written = write_figures(
+        out, tmp_path / "none", tmp_path / "figures", {}, dpi=40, names=PUBLISHED_FIGURES
     )
     assert sorted(p.name for p in written if p.suffix == ".png") == sorted(
-        f"{name}_alignn.png" for name in plots.PUBLISHED_FIGURES
+        f"{name}_alignn.png" for name in PUBLISHED_FIGURES
     )
 
 
@@ -225,10 +227,10 @@ def test_study_tables_with_published_columns_and_parity_figure(tmp_path) -> None
         scratch("ph", 800, 1, 0.90, 0.05),
         finetune("bg", "dc", 800, 1, 0.30, 0.03),
     ]
-    runs = aggregate.collect_runs([write_run(tmp_path / "runs", r) for r in records])
+    runs = collect_runs([write_run(tmp_path / "runs", r) for r in records])
     theirs = published.read_published_runs(SOURCE)
     out = tmp_path / "tables"
-    aggregate.write_tables(runs, out, DEFAULTS, published=theirs)
+    write_tables(runs, out, DEFAULTS, published=theirs)
     scratch_table = pd.read_csv(out / "scratch.csv").set_index("dataset")
     assert scratch_table.loc["dc", "published_n"] == 5
     assert scratch_table.loc["dc", "delta_r2"] == pytest.approx(
@@ -243,7 +245,7 @@ def test_study_tables_with_published_columns_and_parity_figure(tmp_path) -> None
     assert "## Comparison with the published runs" in text
     within = int(comparison["within_0.05_r2"].sum())
     assert f"{within} of 4 cells that both studies have" in text
-    written = plots.write_figures(
+    written = write_figures(
         out, tmp_path / "runs", tmp_path / "figures", {}, dpi=40, names=["published_parity"]
     )
     assert [p.name for p in written] == [

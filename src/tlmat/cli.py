@@ -211,18 +211,16 @@ def _dispatch(args: argparse.Namespace) -> None:
 
         compute_overlap(config, progress=args.progress)
     elif args.verb == "aggregate":
-        from tlmat.study import aggregate_command
+        from tlmat.report.commands import aggregate_command, paper_tables_command
 
         if args.published_only:
-            from tlmat.study import paper_tables_command
-
             if args.published is None and not config.get("published_results"):
                 raise ValueError("--published-only needs --published FILE or published_results")
             paper_tables_command(config, args.published or config["published_results"], args.out)
         else:
             aggregate_command(config, args.runs, args.out, args.metrics, args.published)
     elif args.verb == "figures":
-        from tlmat.study import figures_command
+        from tlmat.report.commands import figures_command
 
         figures_command(config, args.tables, args.runs, args.out, args.expect, args.only)
 

@@ -1,37 +1,28 @@
 # Tables over all runs, figures from the tables, captions for `snakemake --report`.
 
-TABLE_NAMES = (
-    "runs",
-    "scratch",
-    "pairwise_grid",
-    "ft_size_sweep",
-    "pt_size_sweep",
-    "strategies",
-    "learning_rate",
-    "mpt",
-    "chains",
-    "headline",
-    "comparison",
+from tlmat.report.names import (
+    FIGURE_FAMILIES,
+    FIGURE_FORMATS,
+    PUBLISHED_FIGURES,
+    PUBLISHED_MODEL,
+    SUMMARY_NAME,
+    TABLE_NAMES,
 )
-TABLES = [f"{RESULTS}/tables/{name}.csv" for name in TABLE_NAMES] + [
-    f"{RESULTS}/tables/summary.md"
-]
 
-# figure -> the study family whose runs it needs (None: always drawn)
-FIGURE_FAMILIES = {
-    "pairwise_r2": "pairwise",
-    "pairwise_mae": "pairwise",
-    "r2_vs_ft_size": "pairwise",
-    "r2_vs_pt_size": "pt_size_sweep",
-    "strategies": "strategies",
-    "learning_rate": "learning_rate",
-    "learning_curves": None,
-    "parity": None,
-    "mpt": "mpt",
-    "chains": "chains",
-    "chain_curves": "chains",
-    "published_parity": "published",
-}
+
+def table_files(tables_dir):
+    """Every file the aggregation writes into tables_dir: one CSV per table, then the summary."""
+    return [f"{tables_dir}/{name}.csv" for name in TABLE_NAMES] + [
+        f"{tables_dir}/{SUMMARY_NAME}"
+    ]
+
+
+def figure_files(figures_dir, stems, formats=FIGURE_FORMATS):
+    """<figures_dir>/<stem>.<format> for every stem and format."""
+    return [f"{figures_dir}/{stem}.{ext}" for stem in stems for ext in formats]
+
+
+TABLES = table_files(f"{RESULTS}/tables")
 
 
 def published_path(path):
@@ -46,15 +37,15 @@ def published_path(path):
 
 # published per-run results to compare with (null: no comparison, no parity figure)
 PUBLISHED = published_path(config["published_results"])
+# figures of the enabled families (FIGURE_FAMILIES: None = always, "published" = when
+# published results are configured)
 FIGURE_STEMS = [
     f"{name}_{config['model']['arch']}"
     for name, family in FIGURE_FAMILIES.items()
     if family is None
     or (bool(PUBLISHED) if family == "published" else FAMILIES[family])
 ]
-FIGURES = [
-    f"{RESULTS}/figures/{stem}.{ext}" for stem in FIGURE_STEMS for ext in ("png", "pdf")
-]
+FIGURES = figure_files(f"{RESULTS}/figures", FIGURE_STEMS)
 
 
 rule aggregate:
@@ -86,7 +77,7 @@ rule figures:
             )
             for stem in FIGURE_STEMS
         ],
-        [f"{RESULTS}/figures/{stem}.pdf" for stem in FIGURE_STEMS],
+        [path for path in FIGURES if not path.endswith(".png")],
     log:
         f"{LOGS}/figures.log",
     conda:
@@ -104,22 +95,9 @@ rule figures:
 # (nothing is trained), into results/published/.
 PAPER = f"{RESULTS}/published"
 PAPER_SOURCE = PUBLISHED or published_path("data/published/published_runs.csv")
-PAPER_FIGURE_NAMES = (
-    "pairwise_r2",
-    "pairwise_mae",
-    "r2_vs_ft_size",
-    "r2_vs_pt_size",
-    "strategies",
-    "learning_rate",
-)
-PAPER_TABLES = [f"{PAPER}/tables/{name}.csv" for name in TABLE_NAMES] + [
-    f"{PAPER}/tables/summary.md"
-]
-PAPER_FIGURES = [
-    f"{PAPER}/figures/{name}_alignn.{ext}"
-    for name in PAPER_FIGURE_NAMES
-    for ext in ("png", "pdf")
-]
+PAPER_TABLES = table_files(f"{PAPER}/tables")
+PAPER_FIGURE_STEMS = [f"{name}_{PUBLISHED_MODEL}" for name in PUBLISHED_FIGURES]
+PAPER_FIGURES = figure_files(f"{PAPER}/figures", PAPER_FIGURE_STEMS)
 
 
 rule paper_tables:
@@ -152,8 +130,8 @@ rule paper_figures:
         config=CONFIG,
         tables=f"{PAPER}/tables",
         out=f"{PAPER}/figures",
-        names=" ".join(PAPER_FIGURE_NAMES),
-        stems=" ".join(f"{name}_alignn" for name in PAPER_FIGURE_NAMES),
+        names=" ".join(PUBLISHED_FIGURES),
+        stems=" ".join(PAPER_FIGURE_STEMS),
     shell:
         "tlmat figures --config {params.config} --tables {params.tables} "
         "--runs {params.tables} --out {params.out} --only {params.names} "

@@ -4,7 +4,7 @@ import logging
 from pathlib import Path
 
 from tlmat.config import load_config
-from tlmat.study import figures_command
+from tlmat.report.commands import figures_command
 
 logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, force=True)  # noqa: F821
 config = load_config([snakemake.params.config])  # noqa: F821

@@ -3,7 +3,7 @@
 The reference study's public repository ships one test-set prediction file per run; a CSV of
 those runs (one row each, R² and MAE recomputed from the predictions; the shipped copy is
 ``data/published/published_runs.csv``, whose README gives its provenance) is read here into
-the same run records as our ``metrics.json`` files (:func:`tlmat.aggregate.run_frame`). Each
+the same run records as our ``metrics.json`` files (:func:`tlmat.report.runs.run_frame`). Each
 record keeps the paper's experiment as its ``family`` tag, so a run lands in exactly the table
 of the experiment it was made for (the paper's strategy study re-used the trial-5 pair-wise
 runs as its ALL-UF bars, for example, and those must not be averaged into the grid twice).
@@ -15,6 +15,9 @@ import math
 from pathlib import Path
 
 import pandas as pd
+
+from tlmat.report.names import PUBLISHED_MODEL
+from tlmat.report.runs import run_frame
 
 #: the paper's strategy codes -> tlmat strategy names (README "Fine-tune strategies")
 STRATEGY_CODES: dict[str, str | None] = {
@@ -35,8 +38,6 @@ EXPERIMENT_FAMILIES: dict[str, str] = {
     "ft_strategy": "strategies",
     "learning_rate": "learning_rate",
 }
-#: the paper trained ALIGNN only
-PUBLISHED_MODEL = "alignn"
 REQUIRED_COLUMNS: tuple[str, ...] = (
     "experiment",
     "pt_property",
@@ -55,15 +56,13 @@ NUMERIC_COLUMNS: tuple[str, ...] = ("ft_size", "n_test", "r2", "mae")
 
 
 def read_published_runs(path: Path | str) -> pd.DataFrame:
-    """Read a published per-run CSV into run records (see :func:`tlmat.aggregate.run_frame`).
+    """Read a published per-run CSV into run records (see :func:`tlmat.report.runs.run_frame`).
 
     Raises:
         ValueError: one line naming the file and the problem (missing columns, unknown
             experiment or strategy code, a non-numeric or missing metric, duplicate paths).
         FileNotFoundError: if the file does not exist.
     """
-    from tlmat.aggregate import run_frame
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: published results file not found")

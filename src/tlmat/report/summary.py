@@ -15,9 +15,9 @@ import pandas as pd
 
 from tlmat.report import compare, stats
 from tlmat.report.cells import ablation_cells, best_sources
+from tlmat.report.names import RUN_KINDS
 
 Meta = Mapping[str, Mapping[str, str]]
-KINDS: tuple[str, ...] = ("scratch", "pretrain", "finetune", "mpt", "mpt_finetune", "chain")
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -69,7 +69,7 @@ def _run_counts(runs: pd.DataFrame | None) -> str:
     if runs is None or runs.empty:
         return "No runs found."
     counts = runs["kind"].value_counts()
-    parts = ", ".join(f"{counts.get(k, 0)} {k}" for k in KINDS)
+    parts = ", ".join(f"{counts.get(k, 0)} {k}" for k in RUN_KINDS)
     models = ", ".join(sorted(map(str, runs["model"].unique())))
     return f"{len(runs)} runs ({parts}); models: {models}."
 
@@ -250,7 +250,7 @@ def summary_markdown(tables: Mapping[str, pd.DataFrame], meta: Meta | None = Non
     """The headline numbers as a short Markdown report (the tables hold the details).
 
     Args:
-        tables: as returned by :func:`tlmat.aggregate.build_tables`; missing or empty families
+        tables: as returned by :func:`tlmat.report.tables.build_tables`; missing or empty families
             are reported as such, so a partial study still gets a summary.
         meta: optional data-set metadata (``key -> {"label", "units"}``) for readable names.
     """

@@ -1,11 +1,21 @@
-"""Glue between the config and the aggregation/figure code (the `aggregate`/`figures` verbs)."""
+"""The ``aggregate`` and ``figures`` verbs: config in, tables and figures out.
+
+``tlmat aggregate``/``tlmat figures`` (:mod:`tlmat.cli`) and the workflow's scripts
+(``workflow/scripts/aggregate.py``, ``figures.py``) call these; they only turn the config into
+the arguments of :mod:`tlmat.report.tables` and :mod:`tlmat.report.figures`. Matplotlib is
+imported only when figures are drawn, so aggregating does not pay for it.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from tlmat.config import finetune_lr, finetune_strategy
 from tlmat.data import DataError
+from tlmat.report.published import read_published_runs
+from tlmat.report.runs import StudyDefaults
+from tlmat.report.tables import write_tables
 
 
 def dataset_meta(config: Mapping) -> dict[str, dict[str, str]]:
@@ -16,14 +26,16 @@ def dataset_meta(config: Mapping) -> dict[str, dict[str, str]]:
     }
 
 
-def study_defaults(config: Mapping):
-    """The PT size, learning rate and strategy that define the plain pair-wise runs."""
-    from tlmat.aggregate import StudyDefaults
+def study_defaults(config: Mapping) -> StudyDefaults:
+    """The PT size, learning rate and strategy that define the plain pair-wise runs.
 
+    The learning rate and strategy come from :mod:`tlmat.config`, which the plan and the
+    training jobs use too: the tables must pick out exactly the runs the plan made plain.
+    """
     return StudyDefaults(
         pt_size=config["study"]["pt_size"],
-        lr=config["finetune"]["lr"] or config["train"]["lr"],
-        strategy=config["finetune"]["strategy"],
+        lr=finetune_lr(config),
+        strategy=finetune_strategy(config),
     )
 
 
@@ -35,9 +47,6 @@ def aggregate_command(
     published: Path | None = None,
 ) -> list[Path]:
     """Our runs' tables, compared with ``published`` (default: ``published_results``) if set."""
-    from tlmat.aggregate import write_tables
-    from tlmat.report.published import read_published_runs
-
     files = list(metric_files) or sorted(Path(runs_dir).rglob("metrics.json"))
     if not files:
         raise DataError(f"{runs_dir}: no metrics.json files to aggregate")
@@ -48,9 +57,6 @@ def aggregate_command(
 
 def paper_tables_command(config: Mapping, published: Path, out_dir: Path) -> list[Path]:
     """The paper's tables from its published per-run results alone (nothing is trained)."""
-    from tlmat.aggregate import write_tables
-    from tlmat.report.published import read_published_runs
-
     runs = read_published_runs(published)
     return write_tables(runs, out_dir, study_defaults(config), dataset_meta(config))
 
@@ -69,7 +75,7 @@ def figures_command(
     cannot make its figure (e.g. a strategy study with one strategy), the declared file
     still appears, stating why it is empty, instead of failing the whole workflow.
     """
-    from tlmat.plots import save_figure, write_figures
+    from tlmat.report.figures import write_figures, write_placeholder
 
     if not (Path(tables_dir) / "runs.csv").is_file():
         raise DataError(f"{tables_dir}: no runs.csv; run `tlmat aggregate` first")
@@ -77,17 +83,5 @@ def figures_command(
     stems = {path.stem for path in written}
     for stem in expected:
         if stem not in stems:
-            written += save_figure(_empty_figure(stem), Path(out_dir), stem)
+            written += write_placeholder(Path(out_dir), stem)
     return written
-
-
-def _empty_figure(stem: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 2))
-    ax.axis("off")
-    ax.text(0.5, 0.5, f"{stem}: no runs vary what this figure compares", ha="center", va="center")
-    return fig

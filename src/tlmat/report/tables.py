@@ -1,14 +1,9 @@
-"""Turn run records (our ``metrics.json`` files, or published runs) into the study's tables.
+"""The study's tables, built from run records, and writing them with ``summary.md``.
 
-Every training run writes its own ``results/runs/<run-id>/metrics.json`` so that runs can be
-executed, retried and cached independently. The paper's claims, however, are about averages
-over random trials and about transfer learning (TL) *relative to* training from scratch, so
-this module is the single place where runs are
+The paper's claims are about averages over random trials and about transfer learning (TL)
+*relative to* training from scratch, so this module is the single place where the runs of
+each family (selected in :mod:`tlmat.report.runs`) are
 
-* validated and collected into one frame (:func:`collect_runs`),
-* selected into the study's families (pair-wise grid, FT-size sweep, PT-size sweep,
-  fine-tuning strategies, learning rates) using :class:`StudyDefaults` to tell the "plain"
-  runs apart from the ablations,
 * summarised over trials (mean, sample std, 95 % t confidence half-width) and compared with
   the scratch baseline: gains from the cell means, paired tests trial by trial (same model,
   target, FT size and trial, hence the same split and seed),
@@ -25,74 +20,36 @@ Conventions used by every table (the statistics live in :mod:`tlmat.report.stats
 * Runs may carry a ``family`` tag (published runs do: the paper's experiment); a tagged run
   belongs to its family's tables only, an untagged one (ours) is placed by the study defaults.
 * Every table carries ``model`` as its first key, so ALIGNN and CGCNN are never mixed.
+
+The table and file names are registered in :mod:`tlmat.report.names`, which the workflow
+reads too.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
+from tlmat.files import atomic_write_text
 from tlmat.report import compare, headline, stats, summary
+from tlmat.report.names import SUMMARY_NAME, TABLE_NAMES
+from tlmat.report.runs import (
+    PAIR_KEYS,
+    StudyDefaults,
+    by_family,
+    collect_runs,
+    lr_is,
+    of_kind,
+    plain_finetune_runs,
+    pt_size_is_default,
+    scratch_runs,
+)
 
 log = logging.getLogger(__name__)
-
-REQUIRED_KEYS: tuple[str, ...] = (
-    "run_id",
-    "kind",
-    "model",
-    "dataset",
-    "size",
-    "trial",
-    "seed",
-    "pt_dataset",
-    "pt_size",
-    "strategy",
-    "lr",
-    "n_train",
-    "n_val",
-    "n_test",
-    "test_r2",
-    "test_mae",
-    "test_mape",
-    "best_epoch",
-    "epochs_run",
-    "best_val_loss",
-    "wall_time_s",
-    "device",
-    "versions",
-    "config_hash",
-)
-KINDS: tuple[str, ...] = ("scratch", "pretrain", "finetune", "mpt", "mpt_finetune", "chain")
-INT_COLUMNS: tuple[str, ...] = (
-    "size",
-    "trial",
-    "seed",
-    "pt_size",
-    "n_train",
-    "n_val",
-    "n_test",
-    "best_epoch",
-    "epochs_run",
-)
-FLOAT_COLUMNS: tuple[str, ...] = (
-    "lr",
-    "test_r2",
-    "test_mae",
-    "test_mape",
-    "best_val_loss",
-    "wall_time_s",
-)
-# Nested dicts (``versions``) are flattened into ``versions.<name>`` columns.
-RUN_COLUMNS: tuple[str, ...] = tuple(k for k in REQUIRED_KEYS if k != "versions")
 
 #: Short metric name -> metrics.json column; the order is the column order of every table.
 METRICS: dict[str, str] = {"r2": "test_r2", "mae": "test_mae"}
@@ -123,10 +80,8 @@ GAIN_COLUMNS: tuple[str, ...] = (
     "p_r2_paired_t_holm",
     "negative_transfer",
 )
-PAIR_KEYS: tuple[str, ...] = ("model", "dataset", "size", "trial")
+#: ``source`` of the scratch rows of the FT-size sweep (the other rows name their PT source)
 SCRATCH_SOURCE = "scratch"
-#: optional run-record columns: our metrics.json files leave them out
-OPTIONAL_RUN_COLUMNS: dict[str, str | None] = {"family": None, "origin": "tlmat"}
 
 SCRATCH_KEYS: tuple[str, ...] = ("model", "dataset", "size")
 GRID_KEYS: tuple[str, ...] = ("model", "pt_dataset", "pt_size", "dataset", "size")
@@ -147,7 +102,8 @@ MPT_VS_PAIRWISE_COLUMNS: tuple[str, ...] = (
     "p_mae_paired_t_vs_pairwise_holm",
 )
 
-#: File stem -> columns of every table written by :func:`write_tables` (besides runs.csv).
+#: Table name -> its columns, for every table of :data:`TABLE_NAMES` but ``runs`` (whose
+#: columns are the run records', see :mod:`tlmat.report.runs`).
 TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     "scratch": (*SCRATCH_KEYS, *STAT_COLUMNS),
     "pairwise_grid": (*GRID_KEYS, *STAT_COLUMNS, *GAIN_COLUMNS),
@@ -160,118 +116,6 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     "headline": headline.HEADLINE_COLUMNS,
     "comparison": compare.COMPARISON_COLUMNS,
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class StudyDefaults:
-    """The settings that make a fine-tuning run "plain" rather than part of an ablation.
-
-    The pair-wise grid and the FT-size sweep must compare like with like, so they only use
-    fine-tuning runs with the default strategy, learning rate and PT size; each ablation table
-    relaxes exactly one of these.
-
-    Attributes:
-        pt_size: PT training-set size of the plain runs: one int for every source, a mapping
-            ``pt_dataset -> size`` when the sources differ, or ``None`` for "the largest PT
-            size of each (model, pt_dataset) among the fine-tuning runs" (i.e. the full set).
-        lr: learning rate of the plain fine-tuning runs.
-        strategy: fine-tuning strategy of the plain runs.
-        scratch_lr: if set, only scratch runs with this learning rate form the baseline; needed
-            only when scratch runs were repeated at several learning rates.
-    """
-
-    pt_size: int | Mapping[str, int] | None
-    lr: float
-    strategy: str = "full"
-    scratch_lr: float | None = None
-
-
-# ----------------------------------------------------------------------------- collection
-
-
-def collect_runs(metric_files: Iterable[Path | str]) -> pd.DataFrame:
-    """Read and validate ``metrics.json`` files into one frame, one row per run.
-
-    Validation happens here, up front, because a single truncated or stale file would
-    otherwise surface much later as a confusing NaN or a silently missing grid cell.
-
-    Returns:
-        Frame sorted by ``run_id`` with the contract's keys first (``versions`` flattened to
-        ``versions.<package>``), then any extra keys in alphabetical order.
-
-    Raises:
-        ValueError: naming the file, if it is not valid JSON, not a JSON object, lacks
-            required keys or has an unknown ``kind``; or if two files share a ``run_id``.
-    """
-    records = [_read_metrics(Path(p)) for p in metric_files]
-    if not records:
-        return pd.DataFrame(columns=[*RUN_COLUMNS, *OPTIONAL_RUN_COLUMNS])
-    return run_frame(pd.DataFrame.from_records(records))
-
-
-def run_frame(frame: pd.DataFrame) -> pd.DataFrame:
-    """Run records in the one shape every table builder reads, whatever their origin.
-
-    Our ``metrics.json`` files and the published per-run rows
-    (:func:`tlmat.report.published.read_published_runs`) both end here: contract columns
-    first, the optional ``family``/``origin`` columns filled in, then extras alphabetically.
-    """
-    _check_unique_run_ids(frame)
-    frame = frame.copy()
-    for column, default in OPTIONAL_RUN_COLUMNS.items():
-        if column not in frame.columns:
-            frame[column] = default
-    fixed = [*RUN_COLUMNS, *OPTIONAL_RUN_COLUMNS]
-    extras = sorted(c for c in frame.columns if c not in fixed)
-    frame = _coerce_types(frame[[*fixed, *extras]])
-    return frame.sort_values("run_id", kind="stable").reset_index(drop=True)
-
-
-def _read_metrics(path: Path) -> dict[str, Any]:
-    """Parse and validate one metrics file; the error names the file so it can be fixed."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    missing = [k for k in REQUIRED_KEYS if k not in data]
-    if missing:
-        raise ValueError(f"{path}: missing required keys: {', '.join(missing)}")
-    if data["kind"] not in KINDS:
-        raise ValueError(f"{path}: unknown kind {data['kind']!r} (expected one of {KINDS})")
-    return _flatten(data)
-
-
-def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Flatten nested dicts to dotted keys and lists to JSON text, so every value fits a cell."""
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, prefix=f"{name}."))
-        elif isinstance(value, list | tuple):
-            flat[name] = json.dumps(value)
-        else:
-            flat[name] = value
-    return flat
-
-
-def _check_unique_run_ids(frame: pd.DataFrame) -> None:
-    """Two files claiming one run id would be double-counted as two trials."""
-    duplicated = frame.loc[frame["run_id"].duplicated(), "run_id"].unique()
-    if len(duplicated):
-        raise ValueError(f"duplicate run_id in metrics files: {', '.join(map(str, duplicated))}")
-
-
-def _coerce_types(frame: pd.DataFrame) -> pd.DataFrame:
-    """Use nullable ints so sizes stay ``800`` (not ``800.0``) even where some are null."""
-    frame = frame.copy()
-    for column in INT_COLUMNS:
-        frame[column] = pd.to_numeric(frame[column]).astype("Int64")
-    for column in FLOAT_COLUMNS:
-        frame[column] = pd.to_numeric(frame[column]).astype(float)
-    return frame
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -354,73 +198,6 @@ def _paired_row(paired: pd.DataFrame) -> dict[str, Any]:
     }
 
 
-# ----------------------------------------------------------------------------- selection
-
-
-def _kind(runs: pd.DataFrame, kind: str) -> pd.DataFrame:
-    return runs[runs["kind"] == kind]
-
-
-def _lr_is(frame: pd.DataFrame, lr: float) -> pd.Series:
-    """Float-tolerant lr match: 1e-4 written by different code paths must still compare equal."""
-    return pd.Series(np.isclose(frame["lr"].astype(float), lr, rtol=1e-6, atol=0.0), frame.index)
-
-
-def _pt_size_is_default(frame: pd.DataFrame, pt_size: int | Mapping[str, int] | None) -> pd.Series:
-    """Mask of fine-tuning runs whose PT size is the study default (see StudyDefaults)."""
-    sizes = frame["pt_size"].astype("Float64")
-    if pt_size is None:
-        wanted = sizes.groupby([frame["model"], frame["pt_dataset"]]).transform("max")
-    elif isinstance(pt_size, Mapping):
-        wanted = frame["pt_dataset"].map(pt_size).astype("Float64")
-    else:
-        wanted = pd.Series(float(pt_size), index=frame.index, dtype="Float64")
-    return (sizes == wanted).fillna(False).astype(bool)
-
-
-def scratch_runs(runs: pd.DataFrame, defaults: StudyDefaults | None = None) -> pd.DataFrame:
-    """The scratch baseline: one run per (model, dataset, size, trial).
-
-    Raises:
-        ValueError: if the baseline is ambiguous (several scratch runs share a trial), since
-            silently averaging them would change every gain in the study.
-    """
-    scratch = _kind(runs, "scratch")
-    if defaults is not None and defaults.scratch_lr is not None:
-        scratch = scratch[_lr_is(scratch, defaults.scratch_lr)]
-    clash = scratch[scratch.duplicated(list(PAIR_KEYS), keep=False)]
-    if len(clash):
-        raise ValueError(
-            "ambiguous scratch baseline (set StudyDefaults.scratch_lr?): "
-            + ", ".join(clash["run_id"].astype(str))
-        )
-    return scratch
-
-
-def _by_family(ft: pd.DataFrame, families: Sequence[str], untagged: pd.Series) -> pd.DataFrame:
-    """Tagged runs (published ones) by their family tag; untagged runs (ours) by ``untagged``.
-
-    A published run states which of the paper's experiments it belongs to, so it needs no
-    guessing from defaults (its learning rate is often not even recorded); our runs are shared
-    between families and are placed by the study defaults instead.
-    """
-    if "family" not in ft.columns:  # a hand-built frame without the optional column
-        return ft[untagged]
-    tagged = ft["family"].notna()
-    return ft[(tagged & ft["family"].isin(list(families))) | (~tagged & untagged)]
-
-
-def plain_finetune_runs(runs: pd.DataFrame, defaults: StudyDefaults) -> pd.DataFrame:
-    """Fine-tuning runs of the pair-wise grid: default strategy, learning rate and PT size."""
-    ft = _kind(runs, "finetune")
-    plain = (
-        _pt_size_is_default(ft, defaults.pt_size)
-        & (ft["strategy"] == defaults.strategy)
-        & _lr_is(ft, defaults.lr)
-    )
-    return _by_family(ft, ["pairwise"], plain)
-
-
 # ----------------------------------------------------------------------------- tables
 
 
@@ -453,17 +230,17 @@ def ft_size_sweep(runs: pd.DataFrame, defaults: StudyDefaults) -> pd.DataFrame:
 
 def pt_size_sweep(runs: pd.DataFrame, defaults: StudyDefaults) -> pd.DataFrame:
     """Effect of the PT-set size: default strategy and lr, any PT size, with gain."""
-    ft = _kind(runs, "finetune")
-    untagged = (ft["strategy"] == defaults.strategy) & _lr_is(ft, defaults.lr)
-    tl = _by_family(ft, ["pairwise", "pt_size_sweep"], untagged)
+    ft = of_kind(runs, "finetune")
+    untagged = (ft["strategy"] == defaults.strategy) & lr_is(ft, defaults.lr)
+    tl = by_family(ft, ["pairwise", "pt_size_sweep"], untagged)
     return summarize_with_gain(tl, scratch_runs(runs, defaults), PT_SWEEP_KEYS)
 
 
 def strategies(runs: pd.DataFrame, defaults: StudyDefaults) -> pd.DataFrame:
     """Every fine-tuning strategy at the default lr and PT size, with gain."""
-    ft = _kind(runs, "finetune")
-    untagged = _pt_size_is_default(ft, defaults.pt_size) & _lr_is(ft, defaults.lr)
-    tl = _by_family(ft, ["strategies"], untagged)
+    ft = of_kind(runs, "finetune")
+    untagged = pt_size_is_default(ft, defaults.pt_size) & lr_is(ft, defaults.lr)
+    tl = by_family(ft, ["strategies"], untagged)
     return summarize_with_gain(tl, scratch_runs(runs, defaults), STRATEGY_KEYS)
 
 
@@ -473,9 +250,9 @@ def learning_rate(runs: pd.DataFrame, defaults: StudyDefaults) -> pd.DataFrame:
     Our learning-rate family runs the default strategy; the paper's also varied the rate of
     its new-head strategies, hence ``strategy`` is a key of this table.
     """
-    ft = _kind(runs, "finetune")
-    untagged = _pt_size_is_default(ft, defaults.pt_size) & (ft["strategy"] == defaults.strategy)
-    tl = _by_family(ft, ["learning_rate"], untagged & ft["lr"].notna())
+    ft = of_kind(runs, "finetune")
+    untagged = pt_size_is_default(ft, defaults.pt_size) & (ft["strategy"] == defaults.strategy)
+    tl = by_family(ft, ["learning_rate"], untagged & ft["lr"].notna())
     return summarize_with_gain(tl, scratch_runs(runs, defaults), LR_KEYS)
 
 
@@ -487,7 +264,7 @@ def mpt_table(runs: pd.DataFrame, defaults: StudyDefaults) -> pd.DataFrame:
     over scratch, so the MPT and pair-wise runs of trial k share the FT subset and split.
     """
     columns = list(TABLE_COLUMNS["mpt"])
-    tl = _kind(runs, "mpt_finetune")
+    tl = of_kind(runs, "mpt_finetune")
     if tl.empty:
         return pd.DataFrame(columns=columns)
     table = summarize_with_gain(tl, scratch_runs(runs, defaults), MPT_KEYS)
@@ -551,7 +328,7 @@ def chains_table(runs: pd.DataFrame, defaults: StudyDefaults) -> pd.DataFrame:
     columns, paired per trial.
     """
     columns = list(TABLE_COLUMNS["chains"])
-    tl = _kind(runs, "chain")
+    tl = of_kind(runs, "chain")
     if tl.empty:
         return pd.DataFrame(columns=columns)
     table = summarize_with_gain(tl, scratch_runs(runs, defaults), CHAIN_KEYS)
@@ -578,7 +355,7 @@ COMPARED_KEYS: dict[str, tuple[str, ...]] = {
 def build_tables(
     runs: pd.DataFrame, defaults: StudyDefaults, published: pd.DataFrame | None = None
 ) -> dict[str, pd.DataFrame]:
-    """All tables keyed by file stem (``runs`` included), in the order they are written.
+    """Every table of :data:`~tlmat.report.names.TABLE_NAMES` (``runs`` included), by name.
 
     Args:
         runs: run records (:func:`collect_runs`, or published runs alone for the paper's
@@ -600,6 +377,7 @@ def build_tables(
 
 
 def _study_tables(runs: pd.DataFrame, defaults: StudyDefaults) -> dict[str, pd.DataFrame]:
+    """The tables computed from one set of runs (ours, or the published ones to compare)."""
     return {
         "runs": runs,
         "scratch": scratch_table(runs, defaults),
@@ -616,24 +394,6 @@ def _study_tables(runs: pd.DataFrame, defaults: StudyDefaults) -> dict[str, pd.D
 # ----------------------------------------------------------------------------- writing
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same directory + ``os.replace``.
-
-    A workflow engine (or a reader) must never see a half-written table, even if this
-    process is killed mid-write.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_tables(
     runs: pd.DataFrame | Iterable[Path | str],
     out_dir: Path | str,
@@ -648,21 +408,22 @@ def write_tables(
         published: published run records to compare with (see :func:`build_tables`).
 
     A family without runs still gets its CSV with the header only, so downstream rules that
-    declare these files as outputs always find them.
+    declare these files as outputs always find them. Each file is written atomically
+    (:func:`tlmat.files.atomic_write_text`): a reader never sees half a table.
 
     Returns:
-        Paths written: ``<table>.csv`` for every table of :func:`build_tables`, then summary.md.
+        Paths written: ``<table>.csv`` for every table of :data:`TABLE_NAMES`, then summary.md.
     """
     out_dir = Path(out_dir)
     if not isinstance(runs, pd.DataFrame):
         runs = collect_runs(runs)
     tables = build_tables(runs, defaults, published)
     written = []
-    for name, table in tables.items():
+    for name in TABLE_NAMES:
         path = out_dir / f"{name}.csv"
-        atomic_write_text(path, table.to_csv(index=False, lineterminator="\n"))
+        atomic_write_text(path, tables[name].to_csv(index=False, lineterminator="\n"))
         written.append(path)
-    path = out_dir / "summary.md"
+    path = out_dir / SUMMARY_NAME
     atomic_write_text(path, summary.summary_markdown(tables, meta))
     written.append(path)
     log.info("wrote %d tables from %d runs to %s", len(written), len(tables["runs"]), out_dir)
