@@ -15,6 +15,7 @@ include: "workflow/rules/aggregate.smk"
 
 # on a cluster these run where snakemake runs (cheap, and they read thousands of files)
 localrules:
+    resolved_config,
     aggregate,
     figures,
     paper_tables,

@@ -36,7 +36,7 @@ def test_train_and_finetune_from_the_command_line(workspace):
     assert _run("train", "-d", "aa", "-n", "20", "-o", "runs/pt", "--kind", "pretrain") == 0
     metrics = json.loads((workspace / "runs/pt/metrics.json").read_text())
     assert metrics["kind"] == "pretrain" and metrics["run_id"] == "runs/pt"
-    assert (workspace / "resources/datasets/aa.json.gz").is_file()
+    assert len(list((workspace / "resources/datasets").glob("aa-*.json.gz"))) == 1
     code = _run(
         "finetune",
         "-d",
@@ -61,6 +61,34 @@ def test_train_and_finetune_from_the_command_line(workspace):
         0.0005,
         "aa",
     )
+
+
+def test_standalone_train_rebuilds_when_the_data_source_changes(workspace, capsys):
+    """Prepared data are keyed by their source: data_dir B never trains on A's frames."""
+    args = ["train", "-d", "aa", "-n", "20", "-o"]
+    assert _run(*args, "runs/a") == 0
+    other = workspace / "other"
+    other.mkdir()
+    (other / "aa.json.gz").write_bytes(b"not a frame")  # a corrupt file in B must fail
+    assert _run(*args, "runs/b", "--set", f"data_dir={other}") == 2
+    assert "aa.json.gz" in _error_line(capsys)
+    assert not (workspace / "runs/b/metrics.json").exists()
+
+    synthetic_data_dir(other.parent / "fresh", {"aa": 30})
+    assert _run(*args, "runs/c", "--set", f"data_dir={other.parent / 'fresh' / 'data'}") == 0
+    frames = sorted((workspace / "resources/datasets").glob("aa-*.json.gz"))
+    assert len(frames) == 2  # one per source, neither overwritten
+    first, third = (json.loads((workspace / f"runs/{r}/metrics.json").read_text()) for r in "ac")
+    assert (first["n_test"], third["n_test"]) == (4, 3)  # 10 % of 40 and of 30 structures
+
+    # editing the source file in place rebuilds it too (make's rule: source newer)
+    before = {p: p.stat().st_mtime_ns for p in frames}
+    fresh = other.parent / "fresh"
+    synthetic_data_dir(fresh, {"aa": 26})
+    assert _run(*args, "runs/d", "--set", f"data_dir={fresh / 'data'}") == 0
+    rebuilt = [p for p in frames if p.stat().st_mtime_ns != before[p]]
+    assert len(rebuilt) == 1
+    assert json.loads((workspace / "runs/d/metrics.json").read_text())["n_test"] < third["n_test"]
 
 
 @pytest.mark.parametrize(

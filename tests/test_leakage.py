@@ -18,9 +18,14 @@ from tlmat.leakage import (
     find_overlap,
     leakage_table,
     load_overlap,
-    overlap_path,
 )
-from tlmat.runs import RunSpec, execute_run, pretrain_pool_exclusions, pretrain_subset_ids
+from tlmat.runs import (
+    RunSpec,
+    ensure_inputs,
+    execute_run,
+    pretrain_pool_exclusions,
+    pretrain_subset_ids,
+)
 
 
 def _rocksalt() -> Structure:
@@ -75,26 +80,24 @@ def _two_datasets(tmp_path):
 
 
 def test_guard_removes_a_test_structure_found_with_another_id_in_another_pool(tmp_path):
-    from tlmat.leakage import compute_overlap
-
     config = _two_datasets(tmp_path)
-    overlap = compute_overlap(config, progress=False)
+    path = ensure_inputs(config, ["aa", "bb"], overlap=True).overlap
+    overlap = load_overlap(path)
     assert overlap.excluded("bb") == {1999} and overlap.excluded("aa") == set()
     assert overlap.clusters == [[("aa", 3), ("bb", 1999)]]
-    assert load_overlap(overlap_path(config)) == overlap
-    table = pd.read_csv(tmp_path / "results" / "tables" / "leakage.csv")
+    table = pd.read_csv(path.with_name("leakage.csv"))
     row = table.set_index(["pt_pool", "ft_test"]).loc[("bb", "aa")]
     assert (row["n_pool"], row["n_test"], row["n_overlap"]) == (11, 2, 1)
     assert row["fraction"] == pytest.approx(1 / 11)
     assert table["n_overlap"].sum() == 1 and len(table) == 2
 
-    excluded = pretrain_pool_exclusions(config, "bb")
+    excluded = pretrain_pool_exclusions(config, "bb", path)
     pool = [i for i in range(1000, 1012) if i not in (1000, 1001)] + [1999]
     splits = {"dataset": "bb", "seed": 1, "test": [1000, 1001], "trials": {}}
     assert 1999 not in pretrain_subset_ids(splits, pool, 11, 1, excluded)
     published = {**splits, "trials": {"trial1": {"5": [1002, 1999, 1003, 1004, 1005]}}}
     assert pretrain_subset_ids(published, pool, 5, 1, excluded) == [1002, 1003, 1004, 1005]
-    assert pretrain_pool_exclusions({**config, "exclude_test_overlap": False}, "bb") == set()
+    assert pretrain_pool_exclusions({**config, "exclude_test_overlap": False}, "bb", None) == set()
 
     spec = RunSpec("pt/bb", "bb", 11, 1, tmp_path / "pt", kind="pretrain", epochs=1)
     metrics = execute_run(config, spec, progress=False)

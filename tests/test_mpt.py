@@ -172,12 +172,13 @@ def mpt_config(tmp_path_factory):
 def test_mpt_pretraining_merges_shared_crystals_and_keeps_test_crystals_out(mpt_config):
     from tlmat import runs
     from tlmat.checkpoint import load_checkpoint
-    from tlmat.leakage import compute_overlap
+    from tlmat.leakage import load_overlap
     from tlmat.mpt import MPTSpec, execute_mpt, source_split
 
-    overlap = compute_overlap(mpt_config)
+    inputs = runs.ensure_inputs(mpt_config, ["aa", "bb"], overlap=True)
+    overlap = load_overlap(inputs.overlap)
     out = Path(mpt_config["resources_dir"]).parent / "mpt"
-    metrics = execute_mpt(mpt_config, MPTSpec("all", 100, 1, out, "mpt/all-100/pt/t1"))
+    metrics = execute_mpt(mpt_config, MPTSpec("all", 100, 1, out, "mpt/all-100/pt/t1"), inputs)
 
     assert metrics["kind"] == "mpt" and metrics["dataset"] == "mpt_all"
     assert metrics["sources"] == ["aa", "bb"]
@@ -189,15 +190,15 @@ def test_mpt_pretraining_merges_shared_crystals_and_keeps_test_crystals_out(mpt_
     assert payload["lineage"][0]["dataset"] == "mpt_all"
 
     # the guard: a bb entry that is an aa test crystal never enters pre-training
-    aa_test = set(runs.load_splits(mpt_config, "aa")["test"])
+    aa_test = set(inputs.splits_of("aa")["test"])
     shared_test = [k for k in range(SHARED) if k in aa_test]
     bb_split = source_split(
         mpt_config,
         "bb",
         100,
         1,
-        runs.load_graphs(mpt_config, "bb").ids.tolist(),
-        runs.load_splits(mpt_config, "bb"),
+        inputs.cache(mpt_config, "bb").ids.tolist(),
+        inputs.splits_of("bb"),
         overlap.excluded("bb"),
     )
     leaked = {1000 + k for k in shared_test} & set(bb_split.train + bb_split.val)

@@ -41,6 +41,21 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _input_arguments(parser: argparse.ArgumentParser) -> None:
+    """The files a training job reads; the workflow passes them all, and a job given them
+    builds nothing. Without them (standalone use) missing or stale inputs are built first
+    under resources_dir, in files named by everything they depend on."""
+    parser.add_argument(
+        "--graphs", nargs="+", type=Path, metavar="FILE", help="graph cache per data set"
+    )
+    parser.add_argument(
+        "--splits", nargs="+", type=Path, metavar="FILE", help="splits file per data set"
+    )
+    parser.add_argument(
+        "--overlap", type=Path, metavar="FILE", help="overlap.json (pre-training, MPT)"
+    )
+
+
 def _run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", "-d", required=True, help="data set key of the registry")
     parser.add_argument("--size", "-n", type=int, required=True, help="train+val subset size")
@@ -60,6 +75,7 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
         help="continue from <out>/.resume.pt when an earlier attempt of this run was cut off "
         "(saved every train.resume_every epochs; same final metrics as an uninterrupted run)",
     )
+    _input_arguments(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,10 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = verbs.add_parser("prepare", help="load, clean and split a data set")
     _common(prepare)
     prepare.add_argument("--dataset", "-d", required=True)
+    prepare.add_argument("--frame", type=Path, help="cleaned frame to write (default: layout)")
+    prepare.add_argument("--splits", type=Path, help="splits file to write (default: layout)")
 
     featurize = verbs.add_parser("featurize", help="build the graph cache of a data set")
     _common(featurize)
     featurize.add_argument("--dataset", "-d", required=True)
+    featurize.add_argument("--frame", type=Path, help="prepared frame (default: layout)")
+    featurize.add_argument("--out", "-o", type=Path, help="graph cache to write")
 
     train = verbs.add_parser("train", help="train from scratch (scratch baseline or pre-train)")
     _common(train)
@@ -108,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     mpt.add_argument("--run-id", help="run id recorded in metrics.json (default: --out)")
     mpt.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: train.device")
     mpt.add_argument("--resume", action="store_true", help="continue from <out>/.resume.pt")
+    _input_arguments(mpt)
 
     leakage = verbs.add_parser(
         "leakage",
@@ -115,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
         "multi-label clusters) and results/tables/leakage.csv",
     )
     _common(leakage)
+    leakage.add_argument("--datasets", nargs="+", help="data sets (default: the study's)")
+    leakage.add_argument("--frames", nargs="+", type=Path, help="prepared frame per data set")
+    leakage.add_argument("--splits", nargs="+", type=Path, help="splits file per data set")
+    leakage.add_argument("--overlap", type=Path, help="overlap.json to write")
+    leakage.add_argument("--table", type=Path, help="leakage.csv to write")
 
     aggregate = verbs.add_parser("aggregate", help="collect metrics.json files into tables")
     _common(aggregate)
@@ -167,9 +193,9 @@ def _dispatch(args: argparse.Namespace) -> None:
 
     config = _load_config(args)
     if args.verb == "prepare":
-        runs.prepare_dataset(config, args.dataset)
+        _prepare(config, args)
     elif args.verb == "featurize":
-        runs.build_graphs(config, args.dataset)
+        _featurize(config, args)
     elif args.verb in ("train", "finetune"):
         spec = runs.RunSpec(
             run_id=args.run_id or str(args.out),
@@ -184,7 +210,8 @@ def _dispatch(args: argparse.Namespace) -> None:
             epochs=args.epochs,
             resume=args.resume,
         )
-        metrics = runs.execute_run(config, spec, progress=args.progress)
+        inputs = _run_inputs(config, args, [args.dataset], runs.needs_overlap(config, args.kind))
+        metrics = runs.execute_run(config, spec, inputs, progress=args.progress)
         logging.getLogger("tlmat").info(
             "%s: test R2 %.4f, MAE %.4g (best epoch %d of %d)",
             spec.run_id,
@@ -195,11 +222,13 @@ def _dispatch(args: argparse.Namespace) -> None:
         )
     elif args.verb == "mpt":
         from tlmat.mpt import MPTSpec, execute_mpt
+        from tlmat.plan import variant_sources
 
         spec = MPTSpec(
             args.variant, args.size, args.trial, args.out, args.run_id or str(args.out), args.resume
         )
-        metrics = execute_mpt(config, spec, progress=args.progress)
+        inputs = _run_inputs(config, args, variant_sources(config, args.variant), True)
+        metrics = execute_mpt(config, spec, inputs, progress=args.progress)
         logging.getLogger("tlmat").info(
             "%s: mean test R2 over %d heads %.4f",
             spec.run_id,
@@ -207,9 +236,7 @@ def _dispatch(args: argparse.Namespace) -> None:
             metrics["test_r2"],
         )
     elif args.verb == "leakage":
-        from tlmat.leakage import compute_overlap
-
-        compute_overlap(config, progress=args.progress)
+        _leakage(config, args)
     elif args.verb == "aggregate":
         from tlmat.report.commands import aggregate_command, paper_tables_command
 
@@ -223,6 +250,55 @@ def _dispatch(args: argparse.Namespace) -> None:
         from tlmat.report.commands import figures_command
 
         figures_command(config, args.tables, args.runs, args.out, args.expect, args.only)
+
+
+def _run_inputs(config: dict, args: argparse.Namespace, datasets: list[str], overlap: bool):
+    """The job's input files as given (workflow), else built where missing (standalone)."""
+    from tlmat import runs
+
+    if args.graphs is None and args.splits is None:
+        return runs.ensure_inputs(config, datasets, overlap)
+    if args.graphs is None or args.splits is None:
+        raise ValueError("give --graphs and --splits together (or neither, to build them)")
+    if overlap and args.overlap is None:
+        raise ValueError("this run excludes test-set crystals: give --overlap FILE too")
+    return runs.RunInputs.given(datasets, args.graphs, args.splits, args.overlap)
+
+
+def _prepare(config: dict, args: argparse.Namespace) -> None:
+    from tlmat import runs
+    from tlmat.plan import Layout
+
+    layout = Layout.from_config(config)
+    frame = args.frame or layout.frame(args.dataset)
+    splits = args.splits or layout.splits(args.dataset)
+    runs.prepare_dataset(config, args.dataset, frame, splits)
+
+
+def _featurize(config: dict, args: argparse.Namespace) -> None:
+    from tlmat import runs
+    from tlmat.plan import Layout
+
+    # standalone (no --frame): the layout's frame, prepared when missing or stale
+    frame = args.frame or runs.ensure_prepared(config, args.dataset)[0]
+    out = args.out or Layout.from_config(config).graphs(args.dataset)
+    runs.build_graphs(config, frame, out)
+
+
+def _leakage(config: dict, args: argparse.Namespace) -> None:
+    from tlmat import runs
+    from tlmat.plan import Layout, study_datasets
+
+    if args.frames is None:  # standalone: the study's data sets, prepared when missing
+        datasets = args.datasets or study_datasets(config)
+        frames, splits = zip(*(runs.ensure_prepared(config, ds) for ds in datasets), strict=True)
+        overlap = args.overlap or Layout.from_config(config).overlap(datasets)
+    else:
+        datasets, frames, splits, overlap = args.datasets, args.frames, args.splits, args.overlap
+        if not datasets or splits is None or overlap is None:
+            raise ValueError("--frames needs --datasets, --splits and --overlap too")
+    table = args.table or Path(config["results_dir"]) / "tables" / "leakage.csv"
+    runs.match_datasets(datasets, frames, splits, overlap, table, progress=args.progress)
 
 
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, PermissionError, OSError)

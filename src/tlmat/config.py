@@ -8,6 +8,7 @@ types and defaults are defined; the Snakefile validates the same file with
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
@@ -108,3 +109,63 @@ def config_hash(config: Mapping) -> str:
     relevant = {k: config.get(k) for k in ("seed", "featurizer", "model", "train", "finetune")}
     payload = json.dumps(relevant, sort_keys=True, default=str)
     return hashlib.sha1(payload.encode()).hexdigest()[:12]
+
+
+def finetune_lr(config: Mapping) -> float:
+    """The fine-tune learning rate: ``finetune.lr``, or ``train.lr`` when that is null.
+
+    The one place this default is resolved: the plan's run ids, the training jobs and the
+    tables that pick out the plain pair-wise runs all call it.
+    """
+    return config["finetune"]["lr"] or config["train"]["lr"]
+
+
+def finetune_strategy(config: Mapping) -> str:
+    """The fine-tune strategy of the plain pair-wise runs (``finetune.strategy``)."""
+    return config["finetune"]["strategy"]
+
+
+# ----------------------------------------------------------------------------- featurizer
+# The typed view of the `featurizer` section lives here, torch-free, because its hash names
+# the graph caches that the study plan lays out without importing torch or pymatgen.
+
+CACHE_FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class FeaturizerSettings:
+    """Everything that changes the cached graphs; its hash names the cache directory."""
+
+    cutoff: float = 8.0
+    max_neighbors: int = 12
+    atom_features: str = "cgcnn"
+    edge_features: int = 80
+    angle_features: int = 40
+
+    def __post_init__(self) -> None:
+        # Normalise types so a YAML ``cutoff: 8`` and ``cutoff: 8.0`` share one cache key,
+        # and reject values that would silently produce empty or meaningless graphs.
+        object.__setattr__(self, "cutoff", float(self.cutoff))
+        object.__setattr__(self, "max_neighbors", int(self.max_neighbors))
+        if not self.cutoff > 0:
+            raise ValueError(f"featurizer.cutoff must be > 0, got {self.cutoff}")
+        if self.max_neighbors < 1:
+            raise ValueError(f"featurizer.max_neighbors must be >= 1, got {self.max_neighbors}")
+
+    def cache_key(self) -> str:
+        """Short hash of every setting plus the cache format, so any change misses the cache."""
+        payload = json.dumps(
+            {**dataclasses.asdict(self), "format": CACHE_FORMAT_VERSION}, sort_keys=True
+        )
+        return hashlib.sha1(payload.encode()).hexdigest()[:10]
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> FeaturizerSettings:
+        """Settings from a config mapping; unknown keys are errors, since a typo would
+        otherwise silently fall back to a default."""
+        values = dict(values or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"featurizer: unknown setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)

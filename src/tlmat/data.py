@@ -21,6 +21,8 @@ import numpy as np
 import pandas as pd
 from pymatgen.core import Structure
 
+from tlmat.files import atomic_path
+
 log = logging.getLogger(__name__)
 
 FRAME_COLUMNS = ("structure", "target")
@@ -85,11 +87,8 @@ def write_frame(frame: pd.DataFrame, path: str | os.PathLike) -> None:
     """Write a matminer-format frame atomically (temp file + rename)."""
     from matminer.utils.io import store_dataframe_as_json
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.json.gz")
-    store_dataframe_as_json(frame, str(tmp), compression="gz", orient="split", pbar=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        store_dataframe_as_json(frame, str(tmp), compression="gz", orient="split", pbar=False)
 
 
 def load_dataset(spec: DatasetSpec, data_dir: str | os.PathLike | None) -> pd.DataFrame:
@@ -112,34 +111,6 @@ def load_dataset(spec: DatasetSpec, data_dir: str | os.PathLike | None) -> pd.Da
     if spec.source == "jarvis":
         return _load_jarvis(spec)
     raise DataError(f"datasets.{spec.key}: unknown source {spec.source!r}")
-
-
-def can_load(config: Mapping, key: str) -> bool:
-    """Whether a data set's records can be had: a local frame, a file path, or a download.
-
-    With ``data_dir`` set the study is taken to be offline: a data set then needs
-    ``<data_dir>/<key>.json.gz`` (or a ``path`` for source ``file``).
-    """
-    entry = config["datasets"][key]
-    if entry.get("source") == "file" and entry.get("path"):
-        return Path(entry["path"]).is_file()
-    data_dir = config.get("data_dir")
-    return data_dir is None or (Path(data_dir) / f"{key}.json.gz").is_file()
-
-
-def ood_targets(config: Mapping) -> list[str]:
-    """``study.ood_targets`` whose data can be had; the Snakefile notes the skipped ones."""
-    usable = []
-    for key in config["study"].get("ood_targets", []):
-        if key not in config["datasets"]:
-            raise DataError(f"study.ood_targets: {key!r} is not in the 'datasets' registry")
-        if not config["datasets"][key].get("target_only", False):
-            raise DataError(
-                f"study.ood_targets: {key!r} must be marked target_only: true in 'datasets'"
-            )
-        if can_load(config, key):
-            usable.append(key)
-    return usable
 
 
 def _load_matminer(spec: DatasetSpec) -> pd.DataFrame:

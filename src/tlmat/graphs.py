@@ -18,7 +18,6 @@ Conventions (shared with :mod:`tlmat.models`):
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -32,49 +31,10 @@ from pymatgen.optimization.neighbors import find_points_in_spheres
 from torch_geometric.data import Data
 from tqdm.auto import tqdm
 
+from tlmat.config import CACHE_FORMAT_VERSION, FeaturizerSettings
+from tlmat.files import atomic_path
+
 log = logging.getLogger(__name__)
-
-CACHE_FORMAT_VERSION = 1
-
-
-@dataclasses.dataclass(frozen=True)
-class FeaturizerSettings:
-    """Everything that changes the cached graphs; its hash names the cache directory."""
-
-    cutoff: float = 8.0
-    max_neighbors: int = 12
-    atom_features: str = "cgcnn"
-    edge_features: int = 80
-    angle_features: int = 40
-
-    def __post_init__(self) -> None:
-        # Normalise types so a YAML ``cutoff: 8`` and ``cutoff: 8.0`` share one cache key,
-        # and reject values that would silently produce empty or meaningless graphs.
-        object.__setattr__(self, "cutoff", float(self.cutoff))
-        object.__setattr__(self, "max_neighbors", int(self.max_neighbors))
-        if not self.cutoff > 0:
-            raise ValueError(f"featurizer.cutoff must be > 0, got {self.cutoff}")
-        if self.max_neighbors < 1:
-            raise ValueError(f"featurizer.max_neighbors must be >= 1, got {self.max_neighbors}")
-
-    def cache_key(self) -> str:
-        """Short hash of every setting plus the cache format, so any change misses the cache."""
-        payload = json.dumps(
-            {**dataclasses.asdict(self), "format": CACHE_FORMAT_VERSION}, sort_keys=True
-        )
-        return hashlib.sha1(payload.encode()).hexdigest()[:10]
-
-    @classmethod
-    def from_dict(cls, values: dict | None) -> FeaturizerSettings:
-        """Settings from a config mapping; unknown keys are errors, since a typo would
-        otherwise silently fall back to a default."""
-        values = dict(values or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"featurizer: unknown setting(s) {unknown}; known: {sorted(known)}")
-        return cls(**values)
-
 
 # A point this close to its own centre is the centre itself (pymatgen's default tolerance).
 _SELF_TOL = 1e-8
@@ -367,16 +327,13 @@ class GraphCache:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically: a killed job never leaves a cache that looks complete."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
         payload = {
             "format_version": CACHE_FORMAT_VERSION,
             "settings": dataclasses.asdict(self.settings),
             **{key: getattr(self, key) for key in self._KEYS},
         }
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
 
     @classmethod
     def load(

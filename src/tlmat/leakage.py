@@ -3,10 +3,10 @@
 Data sets of the study draw on the same underlying databases (most bg, fe, gv, ph, dc and pz
 structures are Materials Project entries), so a held-out test crystal of one data set can sit,
 under another id, in another data set's pre-training pool. Ids cannot show this; structures
-can. :func:`crystal_labels` groups structures into crystals, :func:`compute_overlap` applies
-it to every study data set and writes ``resources/leakage/overlap.json`` (pool ids to exclude
-from pre-training, cross-data-set clusters that multi-property pre-training merges into
-multi-label samples, and per-pair counts) and ``results/tables/leakage.csv``.
+can. :func:`crystal_labels` groups structures into crystals, :func:`find_overlap` applies
+it to every study data set and :func:`write_overlap` writes ``overlap.json`` (pool ids to
+exclude from pre-training, cross-data-set clusters that multi-property pre-training merges
+into multi-label samples, and per-pair counts) and the leakage table.
 
 Matching: structures are first grouped by reduced composition (oxidation states ignored);
 inside a group, records identical to 1e-4 (lattice and fractional coordinates) are one
@@ -31,7 +31,7 @@ from pymatgen.analysis.structure_matcher import ElementComparator, StructureMatc
 from pymatgen.core import Structure
 from tqdm.auto import tqdm
 
-from tlmat.data import ood_targets, read_frame
+from tlmat.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ def dedupe_prepared(
 
 @dataclasses.dataclass(frozen=True)
 class Overlap:
-    """The content of ``overlap.json``: see :func:`compute_overlap`."""
+    """The content of ``overlap.json``: see :func:`find_overlap` and :func:`write_overlap`."""
 
     datasets: list[str]
     exclude: dict[str, list[int]]
@@ -230,14 +230,6 @@ class Overlap:
             "same_crystal": [[[ds, i] for ds, i in cluster] for cluster in self.clusters],
             "counts": self.counts,
         }
-
-
-def overlap_path(config: Mapping) -> Path:
-    return Path(config["resources_dir"]) / "leakage" / "overlap.json"
-
-
-def leakage_table_path(config: Mapping) -> Path:
-    return Path(config["results_dir"]) / "tables" / "leakage.csv"
 
 
 def load_overlap(path: str | os.PathLike) -> Overlap:
@@ -258,29 +250,6 @@ def load_overlap(path: str | os.PathLike) -> Overlap:
             f"{path}: not an overlap file ({type(err).__name__}: {err}); delete it and rerun "
             "`tlmat leakage`"
         ) from err
-
-
-def study_datasets(config: Mapping) -> list[str]:
-    """Every registry key the study's enabled families use, in a fixed order."""
-    study, families = config["study"], config["study"]["families"]
-    keys = list(study["datasets"])
-    if families.get("pt_size_sweep"):
-        keys += study["pt_size_sweep"]["sources"]
-    for family in ("strategies", "learning_rate"):
-        if families.get(family):
-            keys += [ds for pair in study[family]["pairs"] for ds in pair]
-    if families.get("mpt"):
-        keys += (study["mpt"].get("sources") or []) + (study["mpt"].get("targets") or [])
-    if families.get("chains"):
-        keys += [
-            stage.split(":")[0]
-            for chain in study.get("chains", [])
-            for stage in chain["stages"]
-            if not stage.startswith("ext:")
-        ]
-    keys += ood_targets(config)
-    registry = config.get("datasets", {})
-    return [ds for ds in dict.fromkeys(keys) if ds in registry]
 
 
 def find_overlap(
@@ -325,25 +294,16 @@ def find_overlap(
     return Overlap(datasets, exclude, sorted(clusters), counts)
 
 
-def compute_overlap(config: Mapping, progress: bool | None = None) -> Overlap:
-    """Match every study data set's prepared entries; write overlap.json and leakage.csv."""
-    from tlmat import runs
-
-    datasets = study_datasets(config)
-    entries = {}
-    for ds in datasets:
-        splits = runs.load_splits(config, ds)  # prepares the data set when needed
-        entries[ds] = (read_frame(runs.frame_path(config, ds)), splits["test"])
-    overlap = find_overlap(entries, progress)
-    for ds in datasets:
+def write_overlap(overlap: Overlap, overlap_out: Path, table_out: Path) -> Overlap:
+    """Write ``overlap.json`` and the leakage table (one row per PT pool x FT test set)."""
+    for ds in overlap.datasets:
         log.info(
             "%s: %d pool structures match other data sets' test structures",
             ds,
             len(overlap.exclude[ds]),
         )
-    _write_atomic(overlap_path(config), json.dumps(overlap.to_json(), indent=1))
-    table = leakage_table(overlap)
-    _write_atomic(leakage_table_path(config), table.to_csv(index=False))
+    atomic_write_text(overlap_out, json.dumps(overlap.to_json(), indent=1))
+    atomic_write_text(table_out, leakage_table(overlap).to_csv(index=False))
     return overlap
 
 
@@ -353,10 +313,3 @@ def leakage_table(overlap: Overlap) -> pd.DataFrame:
     table = pd.DataFrame(overlap.counts, columns=columns)
     table["fraction"] = table["n_overlap"] / table["n_pool"].where(table["n_pool"] > 0)
     return table
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -26,58 +26,15 @@ import pandas as pd
 import torch
 from torch_geometric.data import Data
 
+from tlmat import runs
 from tlmat.data import DataError, train_val_split
+from tlmat.leakage import load_overlap
 from tlmat.metrics import regression_metrics
 from tlmat.models import ModelConfig, build_model
+from tlmat.plan import variant_name, variant_sources
 from tlmat.train import Stopwatch, TargetScaler, TrainSettings, fit, predict
 
 log = logging.getLogger(__name__)
-
-ALL = "all"
-WITHOUT = "without_"
-
-
-def variant_name(variant: str) -> str:
-    """The name MPT models go by in tables and lineage: ``mpt_all``, ``mpt_without_dc``."""
-    return f"mpt_{variant}"
-
-
-def mpt_sources(config: Mapping) -> list[str]:
-    """Data sets MPT may pre-train on: ``study.mpt.sources``, else every study source."""
-    study = config["study"]
-    sources = study["mpt"]["sources"] or study["datasets"]
-    unknown = sorted(set(sources) - set(config["datasets"]))
-    if unknown:
-        where = "study.mpt.sources" if study["mpt"]["sources"] else "study.datasets"
-        raise DataError(f"{where}: {unknown} not in the 'datasets' registry")
-    return [ds for ds in sources if not config["datasets"][ds].get("target_only", False)]
-
-
-def variant_sources(config: Mapping, variant: str) -> list[str]:
-    """The data sets an MPT variant pre-trains on, in a fixed order (its heads' order)."""
-    sources = mpt_sources(config)
-    if variant == ALL:
-        return sources
-    if variant.startswith(WITHOUT) and variant[len(WITHOUT) :] in sources:
-        left_out = variant[len(WITHOUT) :]
-        return [ds for ds in sources if ds != left_out]
-    raise ValueError(
-        f"study.mpt.variants: unknown variant {variant!r}; use 'all' or 'without_<key>' "
-        f"with a key of {sources}"
-    )
-
-
-def mpt_variants(config: Mapping) -> list[str]:
-    """``study.mpt.variants``, or ``all`` plus every leave-one-out variant when null."""
-    variants = config["study"]["mpt"]["variants"]
-    if variants is None:  # leave-one-out only where at least two sources remain
-        sources = mpt_sources(config)
-        loo = [f"{WITHOUT}{ds}" for ds in sources] if len(sources) > 2 else []
-        variants = [ALL, *loo]
-    for variant in variants:
-        if len(variant_sources(config, variant)) < 2 and variant != ALL:
-            raise ValueError(f"study.mpt.variants: {variant!r} leaves fewer than two sources")
-    return list(variants)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,21 +138,27 @@ class MPTSpec:
         return variant_name(self.variant)
 
 
-def execute_mpt(config: Mapping, spec: MPTSpec, progress: bool | None = None) -> dict:
-    """Pre-train one backbone with a head per source; write the usual four run files."""
-    from tlmat import runs
-    from tlmat.leakage import compute_overlap, load_overlap, overlap_path
-
+def execute_mpt(
+    config: Mapping,
+    spec: MPTSpec,
+    inputs: runs.RunInputs | None = None,
+    progress: bool | None = None,
+) -> dict:
+    """Pre-train one backbone with a head per source; write the usual four run files.
+    Without ``inputs`` (standalone use) they are built first when missing or stale."""
     stopwatch = Stopwatch()
     heads = variant_sources(config, spec.variant)
+    if inputs is None:
+        inputs = runs.ensure_inputs(config, heads, overlap=True)
+    if inputs.overlap is None:
+        raise ValueError(f"MPT {spec.variant}: no overlap file given (--overlap)")
     settings = TrainSettings.from_config(config["train"])
     if settings.num_threads:
         torch.set_num_threads(settings.num_threads)
     featurizer = runs.featurizer_settings(config)
-    if not overlap_path(config).is_file():  # standalone CLI use: match the data sets first
-        compute_overlap(config)
-    overlap = load_overlap(overlap_path(config))
-    caches = {ds: runs.load_graphs(config, ds) for ds in heads}
+    overlap = load_overlap(inputs.overlap)
+    caches = {ds: inputs.cache(config, ds) for ds in heads}
+    splits = {ds: inputs.splits_of(ds) for ds in heads}
     parts = {
         ds: source_split(
             config,
@@ -203,7 +166,7 @@ def execute_mpt(config: Mapping, spec: MPTSpec, progress: bool | None = None) ->
             spec.size,
             spec.trial,
             caches[ds].ids.tolist(),
-            runs.load_splits(config, ds),
+            splits[ds],
             overlap.excluded(ds),
         )
         for ds in heads
@@ -263,7 +226,7 @@ def execute_mpt(config: Mapping, spec: MPTSpec, progress: bool | None = None) ->
         "epochs_run": result.epochs_run,
         "best_val_loss": result.best_val_loss,
         "lr": settings.lr,
-        "splits_source": ",".join(sorted({runs.load_splits(config, ds)["source"] for ds in heads})),
+        "splits_source": ",".join(sorted({splits[ds]["source"] for ds in heads})),
         "wall_time_s": round(stopwatch.seconds(), 3),
     }
     stage = {

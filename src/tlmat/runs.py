@@ -1,9 +1,11 @@
-"""From config to files: prepared data sets, graph caches and training runs.
+"""One job of the study, given its files: prepare, featurize, match, train, fine-tune.
 
-Every training job of the study (scratch, pre-train, fine-tune, chain stage) is
-:func:`execute_run` with a different :class:`RunSpec`; only the Snakefile knows the grid.
-Outputs are written under temporary names and renamed at the very end, ``metrics.json``
-last, so a killed or failed job never leaves files that look finished.
+Every training job (scratch, pre-train, fine-tune, chain stage) is :func:`execute_run`
+with a different :class:`RunSpec` and :class:`RunInputs`; the grid is :mod:`tlmat.plan`'s.
+Workflow jobs get every path explicitly and never build anything; standalone use builds
+missing inputs through :func:`ensure_inputs` alone. Outputs are written under temporary
+names and renamed at the very end, ``metrics.json`` last, so a killed or failed job never
+leaves files that look finished.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 import logging
 import os
 import platform
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ import pandas as pd
 import torch
 
 import tlmat
+from tlmat import plan
 from tlmat.checkpoint import (
     check_architecture,
     check_featurizer,
@@ -28,7 +31,7 @@ from tlmat.checkpoint import (
     model_from_checkpoint,
     save_checkpoint,
 )
-from tlmat.config import config_hash
+from tlmat.config import FeaturizerSettings, config_hash, finetune_lr, finetune_strategy
 from tlmat.data import (
     DataError,
     DatasetSpec,
@@ -42,10 +45,12 @@ from tlmat.data import (
     train_val_split,
     write_frame,
 )
-from tlmat.graphs import FeaturizerSettings, GraphCache, featurize
-from tlmat.leakage import compute_overlap, dedupe_prepared, load_overlap, overlap_path
+from tlmat.files import atomic_files, atomic_write_text
+from tlmat.graphs import GraphCache, featurize
+from tlmat.leakage import Overlap, dedupe_prepared, find_overlap, load_overlap, write_overlap
 from tlmat.metrics import regression_metrics
 from tlmat.models import ModelConfig, build_model
+from tlmat.plan import RUN_FILES, Layout
 from tlmat.train import (
     Resume,
     Stopwatch,
@@ -59,41 +64,23 @@ from tlmat.transfer import StrategyError, apply_strategy
 
 log = logging.getLogger(__name__)
 
-RUN_FILES = ("model.pt", "predictions.csv", "history.csv", "metrics.json")
 
-
-# ----------------------------------------------------------------------------- paths
+# ----------------------------------------------------------------------------- inputs
 
 
 def featurizer_settings(config: Mapping) -> FeaturizerSettings:
     return FeaturizerSettings.from_dict(config.get("featurizer"))
 
 
-def frame_path(config: Mapping, key: str) -> Path:
-    return Path(config["resources_dir"]) / "datasets" / f"{key}.json.gz"
-
-
-def splits_path(config: Mapping, key: str) -> Path:
-    return Path(config["resources_dir"]) / "splits" / f"{key}.json"
-
-
-def graphs_path(config: Mapping, key: str) -> Path:
-    cache_key = featurizer_settings(config).cache_key()
-    return Path(config["resources_dir"]) / "graphs" / cache_key / f"{key}.pt"
-
-
-# ----------------------------------------------------------------------------- data steps
-
-
-def prepare_dataset(config: Mapping, key: str) -> tuple[Path, Path]:
+def prepare_dataset(config: Mapping, key: str, frame_out: Path, splits_out: Path) -> None:
     """Load, clean and split one data set; writes the cleaned frame and its splits."""
     spec = DatasetSpec.from_config(config, key)
     frame, _ = clean(load_dataset(spec, config.get("data_dir")), key, spec.drop_bad_records)
     published = read_published_splits(config.get("splits_file"), key)
     frame, published = dedupe_prepared(frame, key, published)
     splits = make_splits(frame.index, key, config["seed"], config["test_fraction"], published)
-    write_frame(frame, frame_path(config, key))
-    _write_json(splits, splits_path(config, key))
+    write_frame(frame, frame_out)
+    atomic_write_text(splits_out, json.dumps(splits, indent=1))
     log.info(
         "%s: %d structures, %d held out for test (%s)",
         key,
@@ -101,34 +88,149 @@ def prepare_dataset(config: Mapping, key: str) -> tuple[Path, Path]:
         len(splits["test"]),
         splits["source"],
     )
-    return frame_path(config, key), splits_path(config, key)
 
 
-def build_graphs(config: Mapping, key: str) -> Path:
+def build_graphs(config: Mapping, frame_path: Path, graphs_out: Path) -> None:
     """Featurize every structure of a prepared data set once."""
-    if not frame_path(config, key).is_file():
-        prepare_dataset(config, key)
-    frame = read_frame(frame_path(config, key))
+    frame = read_frame(frame_path)
     cache = featurize(
         list(frame["structure"]), frame.index, frame["target"], featurizer_settings(config)
     )
-    cache.save(graphs_path(config, key))
-    return graphs_path(config, key)
+    cache.save(graphs_out)
 
 
-def load_graphs(config: Mapping, key: str) -> GraphCache:
-    """The graph cache of a data set, built first when missing (standalone CLI use)."""
-    path = graphs_path(config, key)
-    if not path.is_file():
-        build_graphs(config, key)
-    return GraphCache.load(path, featurizer_settings(config))
+def match_datasets(
+    datasets: Sequence[str],
+    frames: Sequence[Path],
+    splits: Sequence[Path],
+    overlap_out: Path,
+    table_out: Path,
+    progress: bool | None = None,
+) -> Overlap:
+    """Match the prepared data sets' crystals: writes overlap.json and leakage.csv."""
+    if not len(datasets) == len(frames) == len(splits):
+        raise ValueError(
+            f"leakage: {len(datasets)} data sets but {len(frames)} frames and "
+            f"{len(splits)} splits files; give one of each per data set, in the same order"
+        )
+    entries = {
+        ds: (read_frame(frame), _read_splits(path)["test"])
+        for ds, frame, path in zip(datasets, frames, splits, strict=True)
+    }
+    return write_overlap(find_overlap(entries, progress), overlap_out, table_out)
 
 
-def load_splits(config: Mapping, key: str) -> dict:
-    path = splits_path(config, key)
-    if not path.is_file():
-        prepare_dataset(config, key)
-    return json.loads(path.read_text())
+@dataclasses.dataclass(frozen=True)
+class RunInputs:
+    """The files a training job reads: per data set its graph cache and splits, and the
+    overlap file (PT pool exclusions, MPT multi-label clusters) where it needs one."""
+
+    graphs: Mapping[str, Path]
+    splits: Mapping[str, Path]
+    overlap: Path | None = None
+
+    @classmethod
+    def given(
+        cls,
+        datasets: Sequence[str],
+        graphs: Sequence[Path],
+        splits: Sequence[Path],
+        overlap: Path | None = None,
+    ) -> RunInputs:
+        """Inputs passed explicitly (by the workflow): they must exist; nothing is built."""
+        if not len(datasets) == len(graphs) == len(splits):
+            raise ValueError(
+                f"{len(datasets)} data set(s) {list(datasets)} but {len(graphs)} --graphs and "
+                f"{len(splits)} --splits files; give one of each per data set, in order"
+            )
+        for path in [*graphs, *splits, *([overlap] if overlap else [])]:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"{path}: input file not found")
+        return cls(
+            dict(zip(datasets, map(Path, graphs), strict=True)),
+            dict(zip(datasets, map(Path, splits), strict=True)),
+            Path(overlap) if overlap else None,
+        )
+
+    def cache(self, config: Mapping, ds: str) -> GraphCache:
+        return GraphCache.load(self.graphs[ds], featurizer_settings(config))
+
+    def splits_of(self, ds: str) -> dict:
+        return _read_splits(self.splits[ds])
+
+
+def ensure_inputs(config: Mapping, datasets: Sequence[str], overlap: bool = False) -> RunInputs:
+    """Standalone use (``tlmat train`` without ``--graphs``): build what is missing or stale.
+
+    Prepared files are named by a hash of everything they depend on (registry entry, data
+    source, splits file, seed, test fraction; :class:`tlmat.plan.Layout`), and rebuilt when
+    a local source file is newer, so switching ``data_dir`` (or editing a source file)
+    never trains on what an earlier source produced. The workflow never calls this: its
+    jobs get their inputs from the rules that made them.
+    """
+    layout = Layout.from_config(config)
+    plan_config = _plan_view(config)
+    for ds in datasets:
+        ensure_prepared(config, ds)
+        _ensure_graphs(config, layout, ds)
+    path = None
+    if overlap:
+        matched = plan.study_datasets(plan_config)
+        matched += [ds for ds in datasets if ds not in matched]
+        for ds in matched:
+            ensure_prepared(config, ds)
+        path = layout.overlap(matched)
+        frames = [layout.frame(ds) for ds in matched]
+        if _stale(path, frames):
+            log.info("%s missing or stale; matching the study's data sets first", path)
+            match_datasets(
+                matched,
+                frames,
+                [layout.splits(ds) for ds in matched],
+                path,
+                path.with_name("leakage.csv"),
+            )
+    return RunInputs(
+        {ds: layout.graphs(ds) for ds in datasets},
+        {ds: layout.splits(ds) for ds in datasets},
+        path,
+    )
+
+
+def _plan_view(config: Mapping) -> Mapping:
+    """The config as the plan reads it (tests and notebooks may pass partial configs)."""
+    study = {"families": {}, "datasets": [], "ood_targets": [], **config.get("study", {})}
+    return {**config, "study": study}
+
+
+def _stale(target: Path, sources: Sequence[Path]) -> bool:
+    """Missing, or older than one of its sources (make's rule)."""
+    if not target.is_file():
+        return True
+    built = target.stat().st_mtime_ns
+    return any(Path(s).is_file() and Path(s).stat().st_mtime_ns > built for s in sources)
+
+
+def ensure_prepared(config: Mapping, ds: str) -> tuple[Path, Path]:
+    """The layout's cleaned frame and splits of ``ds``, prepared when missing or stale."""
+    layout = Layout.from_config(config)
+    frame, splits = layout.frame(ds), layout.splits(ds)  # an unknown key fails here
+    sources = [Path(f) for f in plan.source_files(_plan_view(config), ds)]
+    if _stale(frame, sources) or _stale(splits, sources):
+        prepare_dataset(config, ds, frame, splits)
+    return frame, splits
+
+
+def _ensure_graphs(config: Mapping, layout: Layout, ds: str) -> None:
+    if _stale(layout.graphs(ds), [layout.frame(ds)]):
+        build_graphs(config, layout.frame(ds), layout.graphs(ds))
+
+
+def _read_splits(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a splits file ({err})") from None
 
 
 # ----------------------------------------------------------------------------- runs
@@ -167,21 +269,22 @@ def _train_settings(config: Mapping, spec: RunSpec) -> TrainSettings:
     settings = TrainSettings.from_config(config["train"])
     lr = spec.lr
     if lr is None and spec.checkpoint is not None:
-        lr = config.get("finetune", {}).get("lr")
+        lr = finetune_lr(config)
     overrides = {"lr": lr, "epochs": spec.epochs}
     return dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def pretrain_pool_exclusions(config: Mapping, ds: str) -> set[int]:
+def pretrain_pool_exclusions(config: Mapping, ds: str, path: Path | None) -> set[int]:
     """Pool ids of ``ds`` kept out of pre-training: the same crystal as a test structure of
-    another study data set (``resources/leakage/overlap.json``); empty when the config's
-    ``exclude_test_overlap`` is false. Built on first use when the file is missing."""
+    another study data set (the overlap file ``path``); empty when the config's
+    ``exclude_test_overlap`` is false."""
     if not config.get("exclude_test_overlap", True):
         return set()
-    path = overlap_path(config)
-    if not path.is_file():
-        log.info("%s missing; matching the study's data sets first", path)
-        compute_overlap(config)
+    if path is None:
+        raise ValueError(
+            f"{ds}: pre-training excludes test-set crystals of the other data sets "
+            "(exclude_test_overlap: true) but no overlap file was given (--overlap)"
+        )
     overlap = load_overlap(path)
     if ds not in overlap.datasets:
         log.warning(
@@ -261,18 +364,33 @@ def _build_or_load_model(config: Mapping, spec: RunSpec, featurizer: FeaturizerS
     return model, list(payload.get("lineage", []))
 
 
-def execute_run(config: Mapping, spec: RunSpec, progress: bool | None = None) -> dict:
-    """Train one run and write model.pt, predictions.csv, history.csv, metrics.json."""
+def needs_overlap(config: Mapping, kind: str) -> bool:
+    """Whether a run reads the overlap file: pre-training with test-crystal exclusion."""
+    return kind == "pretrain" and bool(config.get("exclude_test_overlap", True))
+
+
+def execute_run(
+    config: Mapping, spec: RunSpec, inputs: RunInputs | None = None, progress: bool | None = None
+) -> dict:
+    """Train one run on ``inputs`` and write model.pt, predictions.csv, history.csv and
+    metrics.json. Without ``inputs`` (standalone use) they are built first when missing or
+    stale (:func:`ensure_inputs`)."""
     stopwatch = Stopwatch()
     if spec.checkpoint is not None and spec.strategy is None:  # one place for the default
-        spec = dataclasses.replace(spec, strategy=config["finetune"]["strategy"])
+        spec = dataclasses.replace(spec, strategy=finetune_strategy(config))
+    if inputs is None:
+        inputs = ensure_inputs(config, [spec.dataset], needs_overlap(config, spec.kind))
     settings = _train_settings(config, spec)
     if settings.num_threads:
         torch.set_num_threads(settings.num_threads)
     featurizer = featurizer_settings(config)
-    cache = load_graphs(config, spec.dataset)
-    splits = load_splits(config, spec.dataset)
-    excluded = pretrain_pool_exclusions(config, spec.dataset) if spec.kind == "pretrain" else set()
+    cache = inputs.cache(config, spec.dataset)
+    splits = inputs.splits_of(spec.dataset)
+    excluded = (
+        pretrain_pool_exclusions(config, spec.dataset, inputs.overlap)
+        if spec.kind == "pretrain"
+        else set()
+    )
     train_g, val_g, test_g, test_ids = _split_graphs(config, spec, cache, splits, excluded)
     if not test_g:
         raise DataError(f"{spec.dataset}: the held-out test set is empty")
@@ -399,29 +517,20 @@ def write_run(spec, model, featurizer, scalers, metrics, predictions, history, l
     run can look finished without its metrics.json being the last thing written.
     """
     out = Path(spec.out_dir)
-    temporary = {name: out / f".{name}.partial" for name in RUN_FILES}
-    moved: list[Path] = []
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(
-            temporary["model.pt"], model, featurizer, dict(scalers), spec.run_id, lineage
-        )
-        predictions.to_csv(temporary["predictions.csv"], index=False)
-        history.to_csv(temporary["history.csv"], index=False)
-        temporary["metrics.json"].write_text(json.dumps(metrics, indent=2, default=_json_default))
-        for name in RUN_FILES:
-            os.replace(temporary[name], out / name)
-            moved.append(out / name)
+        with atomic_files([out / name for name in RUN_FILES]) as temporary:
+            files = dict(zip(RUN_FILES, temporary, strict=True))
+            save_checkpoint(
+                files["model.pt"], model, featurizer, dict(scalers), spec.run_id, lineage
+            )
+            predictions.to_csv(files["predictions.csv"], index=False)
+            history.to_csv(files["history.csv"], index=False)
+            files["metrics.json"].write_text(json.dumps(metrics, indent=2, default=_json_default))
     except OSError as err:
-        for path in moved:
-            path.unlink(missing_ok=True)
         raise OSError(
             f"{out}: cannot write the run outputs ({err.strerror or err}); nothing was kept; "
             "free space or fix permissions, then rerun"
         ) from None
-    finally:
-        for path in temporary.values():
-            path.unlink(missing_ok=True)
 
 
 def _json_default(value: object) -> object:
@@ -430,10 +539,3 @@ def _json_default(value: object) -> object:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def _write_json(data: Mapping, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)

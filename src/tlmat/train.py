@@ -10,7 +10,6 @@ import copy
 import dataclasses
 import logging
 import math
-import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch_geometric.data import Data
 from torch_geometric.loader import DataLoader
 from tqdm.auto import tqdm
 
+from tlmat.files import atomic_path
 from tlmat.graphs import not_interactive
 
 log = logging.getLogger(__name__)
@@ -202,9 +202,8 @@ def _save_resume(path, tag, progress, model, optimizer, scheduler, generator) ->
         "generator": generator.get_state(),
         "torch_rng": torch.get_rng_state(),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def _load_resume(path, tag, model, optimizer, scheduler, generator) -> _Progress:

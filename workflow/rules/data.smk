@@ -1,48 +1,50 @@
 # Data sets: load + clean + split once, featurize once; every training job reads the cache.
+# Prepared files are named <ds>-<hash of what they depend on> (tlmat.plan.Layout).
 
 
 rule prepare:
+    input:
+        config=ancient(CONFIG),
+        # a local source file: editing it reruns the preparation
+        source=lambda wc: PLAN.source_files(LAYOUT.dataset_of(wc.name)),
     output:
-        frame=f"{RESOURCES}/datasets/{{ds}}.json.gz",
-        splits=f"{RESOURCES}/splits/{{ds}}.json",
+        frame=str(LAYOUT.frame(None, "{name}")),
+        splits=str(LAYOUT.splits(None, "{name}")),
     log:
-        f"{LOGS}/prepare/{{ds}}.log",
+        f"{LOGS}/prepare/{{name}}.log",
     conda:
         ENV
     params:
-        config=CONFIG,
-        data=lambda wc: data_params(wc.ds),
+        dataset=lambda wc: LAYOUT.dataset_of(wc.name),
     shell:
-        "tlmat prepare --config {params.config} --dataset {wildcards.ds} --no-progress > {log} 2>&1"
+        "tlmat prepare --config {input.config} --dataset {params.dataset} --no-progress"
+        " --frame {output.frame} --splits {output.splits} > {log} 2>&1"
 
 
 rule featurize:
     input:
-        rules.prepare.output.frame,
+        config=ancient(CONFIG),
+        frame=str(LAYOUT.frame(None, "{name}")),
     output:
-        f"{RESOURCES}/graphs/{GRAPH_KEY}/{{ds}}.pt",
+        str(LAYOUT.graphs(None, "{name}")),
     log:
-        f"{LOGS}/featurize/{{ds}}.log",
+        f"{LOGS}/featurize/{{name}}.log",
     conda:
         ENV
     params:
-        config=CONFIG,
+        dataset=lambda wc: LAYOUT.dataset_of(wc.name),
         featurizer=config["featurizer"],
     shell:
-        "tlmat featurize --config {params.config} --dataset {wildcards.ds} --no-progress > {log} 2>&1"
+        "tlmat featurize --config {input.config} --dataset {params.dataset} --no-progress"
+        " --frame {input.frame} --out {output} > {log} 2>&1"
 
 
 # Crystals shared across data sets: PT exclusions, MPT multi-label clusters, leakage table.
-from tlmat.leakage import study_datasets
-
-LEAKAGE_DATASETS = study_datasets(config)
-LEAKAGE_TABLE = f"{RESULTS}/tables/leakage.csv"
-
-
 rule leakage:
     input:
-        frames=[f"{RESOURCES}/datasets/{ds}.json.gz" for ds in LEAKAGE_DATASETS],
-        splits=[splits(ds) for ds in LEAKAGE_DATASETS],
+        config=ancient(CONFIG),
+        frames=[str(LAYOUT.frame(ds)) for ds in PLAN.datasets],
+        splits=[str(LAYOUT.splits(ds)) for ds in PLAN.datasets],
     output:
         overlap=OVERLAP,
         table=LEAKAGE_TABLE,
@@ -51,8 +53,8 @@ rule leakage:
     conda:
         ENV
     params:
-        config=CONFIG,
-        datasets=LEAKAGE_DATASETS,
-        data={ds: data_params(ds) for ds in LEAKAGE_DATASETS},
+        datasets=" ".join(PLAN.datasets),
     shell:
-        "tlmat leakage --config {params.config} --no-progress > {log} 2>&1"
+        "tlmat leakage --config {input.config} --no-progress --datasets {params.datasets}"
+        " --frames {input.frames} --splits {input.splits}"
+        " --overlap {output.overlap} --table {output.table} > {log} 2>&1"

@@ -1,178 +1,163 @@
-# Training jobs: scratch baselines, pre-training and fine-tuning; each is one `tlmat` call.
+# Training jobs: scratch baselines, pre-training, fine-tuning, MPT and chain stages; each is
+# one `tlmat` call given its input and output paths. {run} is the run id (tlmat.plan).
+
+TRAIN_SHELL = (
+    "tlmat {params.verb} --config {input.config} --set train.num_threads={threads}"
+    " --no-progress --resume --run-id {wildcards.run} --out {params.out}"
+    " --graphs {input.graphs} --splits {input.splits}"
+)
 
 
 rule scratch:
     input:
-        graphs=lambda wc: graphs(wc.ds),
-        splits=lambda wc: splits(wc.ds),
+        unpack(run_inputs),
     output:
-        **run_outputs(scratch_dir("{ds}", "{size}", "{trial}")),
+        **run_outputs("{run}"),
+    wildcard_constraints:
+        run=r"scratch/[^/]+/t\d+",
     log:
-        f"{LOGS}/scratch/{{ds}}-{{size}}/t{{trial}}.log",
+        f"{LOGS}/{{run}}.log",
     conda:
         ENV
     threads: STUDY["threads"]
     resources:
         gpu=GPU,
     params:
-        config=CONFIG,
-        out=lambda wc, output: os.path.dirname(output.metrics),
+        verb="train",
+        out=f"{RUNS}/{{run}}",
+        run=run_of,
         train=TRAIN_PARAMS,
-        run_id="scratch/{ds}-{size}/t{trial}",
     shell:
-        "tlmat train --config {params.config} --set train.num_threads={threads} --no-progress --resume"
-        " --kind scratch --dataset {wildcards.ds} --size {wildcards.size}"
-        " --trial {wildcards.trial} --run-id {params.run_id}"
-        " --out {params.out} > {log} 2>&1"
+        TRAIN_SHELL + " --kind scratch --dataset {params.run.dataset}"
+        " --size {params.run.size} --trial {params.run.trial} > {log} 2>&1"
 
 
 rule pretrain:
     input:
-        graphs=lambda wc: graphs(wc.src),
-        splits=lambda wc: splits(wc.src),
-        overlap=OVERLAP if config["exclude_test_overlap"] else [],
+        unpack(run_inputs),
     output:
-        **run_outputs(pt_dir("{src}", "{pt_size}", "{trial}")),
+        **run_outputs("{run}"),
+    wildcard_constraints:
+        run=r"pt/[^/]+/t\d+",
     log:
-        f"{LOGS}/pt/{{src}}-{{pt_size}}/t{{trial}}.log",
+        f"{LOGS}/{{run}}.log",
     group:
-        lambda wc: pt_group(wc.src, wc.pt_size, wc.trial)
+        run_group
     conda:
         ENV
     threads: STUDY["threads"]
     resources:
         gpu=GPU,
     params:
-        config=CONFIG,
-        out=lambda wc, output: os.path.dirname(output.metrics),
+        verb="train",
+        out=f"{RUNS}/{{run}}",
+        run=run_of,
         train=TRAIN_PARAMS,
-        exclude_test_overlap=config["exclude_test_overlap"],
-        run_id="pt/{src}-{pt_size}/t{trial}",
+        overlap=lambda wc, input: f"--overlap {input.overlap}" if "overlap" in input.keys() else "",
     shell:
-        "tlmat train --config {params.config} --set train.num_threads={threads} --no-progress --resume"
-        " --kind pretrain --dataset {wildcards.src} --size {wildcards.pt_size}"
-        " --trial {wildcards.trial} --run-id {params.run_id}"
-        " --out {params.out} > {log} 2>&1"
+        TRAIN_SHELL + " --kind pretrain --dataset {params.run.dataset} {params.overlap}"
+        " --size {params.run.size} --trial {params.run.trial} > {log} 2>&1"
 
 
 rule finetune:
     input:
-        checkpoint=lambda wc: f"{pt_dir(wc.src, wc.pt_size, pt_trial(wc.trial))}/model.pt",
-        graphs=lambda wc: graphs(wc.ds),
-        splits=lambda wc: splits(wc.ds),
+        unpack(run_inputs),
     output:
-        **run_outputs(
-            ft_dir(
-                "{src}", "{pt_size}", "{ds}", "{size}", "{strategy}", "{lr}", "{trial}"
-            )
-        ),
+        **run_outputs("{run}"),
+    wildcard_constraints:
+        run=r"ft/[^/]+/[^/]+/[^/]+/t\d+",
     log:
-        f"{LOGS}/ft/pt-{{src}}-{{pt_size}}/ft-{{ds}}-{{size}}/{{strategy}}-lr{{lr}}/t{{trial}}.log",
+        f"{LOGS}/{{run}}.log",
     group:
-        lambda wc: pt_group(wc.src, wc.pt_size, pt_trial(wc.trial))
+        run_group
     conda:
         ENV
     threads: STUDY["threads"]
     resources:
         gpu=GPU,
     params:
-        config=CONFIG,
-        out=lambda wc, output: os.path.dirname(output.metrics),
+        verb="finetune",
+        out=f"{RUNS}/{{run}}",
+        run=run_of,
         train=TRAIN_PARAMS,
-        run_id="ft/pt-{src}-{pt_size}/ft-{ds}-{size}/{strategy}-lr{lr}/t{trial}",
     shell:
-        "tlmat finetune --config {params.config} --set train.num_threads={threads} --no-progress --resume"
-        " --checkpoint {input.checkpoint} --strategy {wildcards.strategy} --lr {wildcards.lr}"
-        " --dataset {wildcards.ds} --size {wildcards.size} --trial {wildcards.trial}"
-        " --run-id {params.run_id} --out {params.out} > {log} 2>&1"
+        TRAIN_SHELL + " --kind finetune --checkpoint {input.checkpoint}"
+        " --strategy {params.run.strategy} --lr {params.run.lr_tag}"
+        " --dataset {params.run.dataset} --size {params.run.size}"
+        " --trial {params.run.trial} > {log} 2>&1"
 
 
 rule mpt_pretrain:
     input:
-        graphs=lambda wc: [graphs(ds) for ds in variant_sources(config, wc.variant)],
-        splits=lambda wc: [splits(ds) for ds in variant_sources(config, wc.variant)],
-        overlap=OVERLAP,
+        unpack(run_inputs),
     output:
-        **run_outputs(mpt_dir("{variant}", "{pt_size}", "{trial}")),
+        **run_outputs("{run}"),
+    wildcard_constraints:
+        run=r"mpt/[^/]+/pt/t\d+",
     log:
-        f"{LOGS}/mpt/{{variant}}-{{pt_size}}/pt/t{{trial}}.log",
+        f"{LOGS}/{{run}}.log",
     conda:
         ENV
     threads: STUDY["threads"]
     resources:
         gpu=GPU,
     params:
-        config=CONFIG,
-        out=lambda wc, output: os.path.dirname(output.metrics),
+        verb="mpt",
+        out=f"{RUNS}/{{run}}",
+        run=run_of,
         train=TRAIN_PARAMS,
         mpt=STUDY["mpt"],
-        run_id="mpt/{variant}-{pt_size}/pt/t{trial}",
     shell:
-        "tlmat mpt --config {params.config} --set train.num_threads={threads} --no-progress --resume"
-        " --variant {wildcards.variant} --size {wildcards.pt_size} --trial {wildcards.trial}"
-        " --run-id {params.run_id} --out {params.out} > {log} 2>&1"
+        TRAIN_SHELL + " --variant {params.run.variant} --overlap {input.overlap}"
+        " --size {params.run.size} --trial {params.run.trial} > {log} 2>&1"
 
 
 rule mpt_finetune:
     input:
-        checkpoint=lambda wc: f"{mpt_dir(wc.variant, wc.pt_size, pt_trial(wc.trial))}/model.pt",
-        graphs=lambda wc: graphs(wc.ds),
-        splits=lambda wc: splits(wc.ds),
+        unpack(run_inputs),
     output:
-        **run_outputs(
-            mpt_ft_dir(
-                "{variant}",
-                "{pt_size}",
-                "{ds}",
-                "{size}",
-                "{strategy}",
-                "{lr}",
-                "{trial}",
-            )
-        ),
+        **run_outputs("{run}"),
+    wildcard_constraints:
+        run=r"mpt/[^/]+/ft-[^/]+/[^/]+/t\d+",
     log:
-        f"{LOGS}/mpt/{{variant}}-{{pt_size}}/ft-{{ds}}-{{size}}/{{strategy}}-lr{{lr}}/t{{trial}}.log",
+        f"{LOGS}/{{run}}.log",
     conda:
         ENV
     threads: STUDY["threads"]
     resources:
         gpu=GPU,
     params:
-        config=CONFIG,
-        out=lambda wc, output: os.path.dirname(output.metrics),
+        verb="finetune",
+        out=f"{RUNS}/{{run}}",
+        run=run_of,
         train=TRAIN_PARAMS,
-        run_id="mpt/{variant}-{pt_size}/ft-{ds}-{size}/{strategy}-lr{lr}/t{trial}",
     shell:
-        "tlmat finetune --config {params.config} --set train.num_threads={threads} --no-progress --resume"
-        " --kind mpt_finetune --checkpoint {input.checkpoint} --strategy {wildcards.strategy}"
-        " --lr {wildcards.lr} --dataset {wildcards.ds} --size {wildcards.size}"
-        " --trial {wildcards.trial} --run-id {params.run_id} --out {params.out} > {log} 2>&1"
+        TRAIN_SHELL + " --kind mpt_finetune --checkpoint {input.checkpoint}"
+        " --strategy {params.run.strategy} --lr {params.run.lr_tag}"
+        " --dataset {params.run.dataset} --size {params.run.size}"
+        " --trial {params.run.trial} > {log} 2>&1"
 
 
 rule chain_stage:
     input:
-        checkpoint=lambda wc: chain_checkpoint(wc.prefix, wc.trial),
-        graphs=lambda wc: graphs(final_stage(wc.prefix)[0]),
-        splits=lambda wc: splits(final_stage(wc.prefix)[0]),
+        unpack(run_inputs),
     output:
-        **run_outputs(chain_dir("{prefix}", "{trial}")),
+        **run_outputs("{run}"),
+    wildcard_constraints:
+        run=r"chain/[^/]+/t\d+",
     log:
-        f"{LOGS}/chain/{{prefix}}/t{{trial}}.log",
+        f"{LOGS}/{{run}}.log",
     conda:
         ENV
     threads: STUDY["threads"]
     resources:
         gpu=GPU,
     params:
-        config=CONFIG,
-        out=lambda wc, output: os.path.dirname(output.metrics),
+        verb="finetune",
+        out=f"{RUNS}/{{run}}",
+        run=run_of,
         train=TRAIN_PARAMS,
-        strategy=lambda wc: CHAIN_STRATEGY[wc.prefix],
-        dataset=lambda wc: final_stage(wc.prefix)[0],
-        size=lambda wc: final_stage(wc.prefix)[1],
-        run_id="chain/{prefix}/t{trial}",
     shell:
-        "tlmat finetune --config {params.config} --set train.num_threads={threads} --no-progress --resume"
-        " --kind chain --checkpoint {input.checkpoint} --strategy {params.strategy}"
-        " --dataset {params.dataset} --size {params.size} --trial {wildcards.trial}"
-        " --run-id {params.run_id} --out {params.out} > {log} 2>&1"
+        TRAIN_SHELL + " --kind chain --checkpoint {input.checkpoint}"
+        " --strategy {params.run.strategy} --dataset {params.run.dataset}"
+        " --size {params.run.size} --trial {params.run.trial} > {log} 2>&1"

@@ -1,0 +1,727 @@
+"""The study plan: a validated config becomes the list of every job of the study.
+
+This is the one place that knows the grid. Each study family (scratch baselines, the
+pair-wise grid, the PT-size sweep, FT strategies, learning rates, multi-property
+pre-training, multi-stage chains) expands here into :class:`Run` records, each with its
+id, kind, the families that asked for it, its inputs and outputs, and the parameters its
+``tlmat`` call needs. The Snakefile only maps rules onto these records, and tests check the
+plan without Snakemake.
+
+Importing this module imports neither torch nor pymatgen (Snakemake parses it on every
+invocation; the test suite checks it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import yaml
+
+from tlmat.config import FeaturizerSettings, finetune_lr, finetune_strategy
+
+RUN_FILES = ("model.pt", "predictions.csv", "history.csv", "metrics.json")
+"""What every training run writes into its directory (``metrics.json`` last)."""
+
+KINDS = ("scratch", "pretrain", "finetune", "mpt", "mpt_finetune", "chain")
+FAMILIES = (
+    "scratch",
+    "pairwise",
+    "pt_size_sweep",
+    "strategies",
+    "learning_rate",
+    "mpt",
+    "chains",
+)
+MPT_ALL = "all"
+MPT_WITHOUT = "without_"
+# head-reusing strategies on a target the MPT model has no head for (leave-one-out)
+MPT_FRESH_HEAD = {"full": "new_head", "freeze_graph": "new_head_freeze"}
+HEAD_REUSING = ("full", "freeze_graph", "last_layer")
+
+
+# ----------------------------------------------------------------------------- config views
+
+
+def is_source(config: Mapping, key: str) -> bool:
+    """Whether a data set may be pre-trained on (target-only sets never are)."""
+    return not config["datasets"][key].get("target_only", False)
+
+
+def check_keys(config: Mapping, where: str, keys: Iterable[str]) -> None:
+    unknown = sorted(set(keys) - set(config["datasets"]))
+    if unknown:
+        raise ValueError(
+            f"config: {where} names data set(s) {unknown} missing from 'datasets' "
+            f"(known: {sorted(config['datasets'])})"
+        )
+
+
+def check_sources(config: Mapping, where: str, keys: Iterable[str]) -> None:
+    """Known keys, none of them target-only (out-of-domain sets are never pre-trained on)."""
+    keys = list(keys)
+    check_keys(config, where, keys)
+    bad = sorted({k for k in keys if not is_source(config, k)})
+    if bad:
+        raise ValueError(
+            f"config: {where} uses target-only data set(s) {bad} as a pre-training source"
+        )
+
+
+def source_file(config: Mapping, key: str) -> Path | None:
+    """The local file a data set is read from, or None when it is downloaded."""
+    entry = config["datasets"][key]
+    data_dir = config.get("data_dir")
+    if data_dir is not None and (Path(data_dir) / f"{key}.json.gz").is_file():
+        return Path(data_dir) / f"{key}.json.gz"
+    if entry.get("source") == "file" and entry.get("path"):
+        return Path(entry["path"])
+    return None
+
+
+def source_files(config: Mapping, key: str) -> list[str]:
+    """The local files a data set's preparation reads (its frame, the splits file)."""
+    files = [source_file(config, key), config.get("splits_file")]
+    return [str(f) for f in files if f is not None and Path(f).is_file()]
+
+
+def can_load(config: Mapping, key: str) -> bool:
+    """Whether a data set's records can be had: a local frame, a file path, or a download.
+
+    With ``data_dir`` set the study is taken to be offline: a data set then needs
+    ``<data_dir>/<key>.json.gz`` (or a ``path`` for source ``file``).
+    """
+    entry = config["datasets"][key]
+    if entry.get("source") == "file" and entry.get("path"):
+        return Path(entry["path"]).is_file()
+    data_dir = config.get("data_dir")
+    return data_dir is None or (Path(data_dir) / f"{key}.json.gz").is_file()
+
+
+def ood_targets(config: Mapping) -> list[str]:
+    """``study.ood_targets`` whose data can be had (the others are skipped with a note)."""
+    usable = []
+    for key in config["study"].get("ood_targets", []):
+        if key not in config["datasets"]:
+            raise ValueError(f"study.ood_targets: {key!r} is not in the 'datasets' registry")
+        if is_source(config, key):
+            raise ValueError(
+                f"study.ood_targets: {key!r} must be marked target_only: true in 'datasets'"
+            )
+        if can_load(config, key):
+            usable.append(key)
+    return usable
+
+
+def mpt_sources(config: Mapping) -> list[str]:
+    """Data sets MPT may pre-train on: ``study.mpt.sources``, else every study source."""
+    study = config["study"]
+    sources = study["mpt"]["sources"] or study["datasets"]
+    unknown = sorted(set(sources) - set(config["datasets"]))
+    if unknown:
+        where = "study.mpt.sources" if study["mpt"]["sources"] else "study.datasets"
+        raise ValueError(f"{where}: {unknown} not in the 'datasets' registry")
+    return [ds for ds in sources if is_source(config, ds)]
+
+
+def variant_sources(config: Mapping, variant: str) -> list[str]:
+    """The data sets an MPT variant pre-trains on, in a fixed order (its heads' order)."""
+    sources = mpt_sources(config)
+    if variant == MPT_ALL:
+        return sources
+    left_out = variant.removeprefix(MPT_WITHOUT)
+    if variant.startswith(MPT_WITHOUT) and left_out in sources:
+        return [ds for ds in sources if ds != left_out]
+    raise ValueError(
+        f"study.mpt.variants: unknown variant {variant!r}; use 'all' or 'without_<key>' "
+        f"with a key of {sources}"
+    )
+
+
+def mpt_variants(config: Mapping) -> list[str]:
+    """``study.mpt.variants``, or ``all`` plus every leave-one-out variant when null."""
+    variants = config["study"]["mpt"]["variants"]
+    if variants is None:  # leave-one-out only where at least two sources remain
+        sources = mpt_sources(config)
+        loo = [f"{MPT_WITHOUT}{ds}" for ds in sources] if len(sources) > 2 else []
+        variants = [MPT_ALL, *loo]
+    for variant in variants:
+        if len(variant_sources(config, variant)) < 2 and variant != MPT_ALL:
+            raise ValueError(f"study.mpt.variants: {variant!r} leaves fewer than two sources")
+    return list(variants)
+
+
+def variant_name(variant: str) -> str:
+    """The name MPT models go by in tables and lineage: ``mpt_all``, ``mpt_without_dc``."""
+    return f"mpt_{variant}"
+
+
+def mpt_strategy(config: Mapping, variant: str, target: str, strategy: str) -> str | None:
+    """The strategy an MPT fine-tune runs: its fresh-head twin when the model lacks the
+    target's head (None: no such twin, the run is skipped)."""
+    if target in variant_sources(config, variant) or strategy not in HEAD_REUSING:
+        return strategy
+    return MPT_FRESH_HEAD.get(strategy)
+
+
+def study_datasets(config: Mapping) -> list[str]:
+    """Every registry key the study's enabled families use, in a fixed order (the data
+    sets the leakage step matches against each other)."""
+    study, families = config["study"], config["study"]["families"]
+    keys = list(study["datasets"])
+    if families.get("pt_size_sweep"):
+        keys += study["pt_size_sweep"]["sources"]
+    for family in ("strategies", "learning_rate"):
+        if families.get(family):
+            keys += [ds for pair in study[family]["pairs"] for ds in pair]
+    if families.get("mpt"):
+        keys += (study["mpt"].get("sources") or []) + (study["mpt"].get("targets") or [])
+    if families.get("chains"):
+        keys += [
+            stage.split(":")[0]
+            for chain in study.get("chains", [])
+            for stage in chain["stages"]
+            if not stage.startswith("ext:")
+        ]
+    keys += ood_targets(config)
+    registry = config.get("datasets", {})
+    return [ds for ds in dict.fromkeys(keys) if ds in registry]
+
+
+def external_checkpoint(config: Mapping, name: str) -> str:
+    path = config["external_checkpoints"].get(name)
+    if path is None:
+        raise ValueError(
+            f"config: chain stage ext:{name} names no entry of external_checkpoints "
+            f"(known: {sorted(config['external_checkpoints'])})"
+        )
+    if not Path(path).is_file():
+        raise ValueError(f"config: external_checkpoints.{name}: file {path} not found")
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def short_hash(data: object) -> str:
+    text = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def _absolute(path: str | None) -> str | None:
+    return None if path is None else os.path.abspath(path)
+
+
+def data_params(config: Mapping, key: str) -> dict:
+    """Everything a prepared data set depends on: its registry entry, where its records
+    come from and the split settings. Its hash names the prepared files, so preparing from
+    another source never reuses (or overwrites) what an earlier source produced."""
+    return {
+        "entry": config["datasets"][key],
+        "data_dir": _absolute(config.get("data_dir")),
+        "splits_file": _absolute(config.get("splits_file")),
+        **{k: config[k] for k in ("seed", "test_fraction")},
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where every artefact of a config lives. Prepared data, graphs and the overlap are
+    named by the hash of what they depend on."""
+
+    resources: Path
+    results: Path
+    graph_key: str
+    data_keys: Mapping[str, str]
+
+    @classmethod
+    def from_config(cls, config: Mapping) -> Layout:
+        return cls(
+            resources=Path(config["resources_dir"]),
+            results=Path(config["results_dir"]),
+            graph_key=FeaturizerSettings.from_dict(config.get("featurizer")).cache_key(),
+            data_keys={key: short_hash(data_params(config, key)) for key in config["datasets"]},
+        )
+
+    def name(self, ds: str) -> str:
+        """``<ds>-<hash of its data params>``: the file name of its prepared artefacts."""
+        if ds not in self.data_keys:
+            raise ValueError(
+                f"unknown data set key {ds!r}; 'datasets' has {sorted(self.data_keys)}"
+            )
+        return f"{ds}-{self.data_keys[ds]}"
+
+    def frame(self, ds: str, name: str | None = None) -> Path:
+        """The cleaned frame of ``ds`` (``name`` given: that file name, e.g. a pattern)."""
+        return self.resources / "datasets" / f"{name or self.name(ds)}.json.gz"
+
+    def splits(self, ds: str, name: str | None = None) -> Path:
+        return self.resources / "splits" / f"{name or self.name(ds)}.json"
+
+    def graphs(self, ds: str, name: str | None = None) -> Path:
+        return self.resources / "graphs" / self.graph_key / f"{name or self.name(ds)}.pt"
+
+    @staticmethod
+    def dataset_of(name: str) -> str:
+        """The data set key of a prepared-artefact name (``fe-0123456789`` -> ``fe``)."""
+        return name.rsplit("-", 1)[0]
+
+    def overlap(self, datasets: Iterable[str]) -> Path:
+        """The crystals the given data sets share; named by their prepared data."""
+        key = short_hash([self.name(ds) for ds in datasets])
+        return self.resources / "leakage" / key / "overlap.json"
+
+    @property
+    def runs(self) -> Path:
+        return self.results / "runs"
+
+    @property
+    def logs(self) -> Path:
+        return self.results / "logs"
+
+    @property
+    def tables(self) -> Path:
+        return self.results / "tables"
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.runs / run_id
+
+    def run_outputs(self, run_id: str) -> dict[str, str]:
+        """The files of a run, named metrics/model/predictions/history."""
+        return {name.split(".")[0]: str(self.run_dir(run_id) / name) for name in RUN_FILES}
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def lr_tag(lr: float | str) -> str:
+    """Learning rate as written in run ids (0.001 -> "0.001")."""
+    return f"{float(lr):g}"
+
+
+def stage_tag(stage: str) -> str:
+    """ "fe:941" -> "fe-941", "ext:alignn" -> "ext_alignn" (the parts of a chain run id)."""
+    key, value = stage.split(":")
+    return f"ext_{value}" if key == "ext" else f"{key}-{value}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One training job of the study."""
+
+    id: str
+    kind: str
+    dataset: str  # the data set trained on (MPT pre-training: the variant's name)
+    size: int
+    trial: int
+    strategy: str | None = None
+    lr: float | None = None
+    checkpoint: str | None = None  # id of the run whose model.pt this one fine-tunes
+    external: str | None = None  # or the path of an external checkpoint
+    sources: tuple[str, ...] = ()  # MPT pre-training: the data sets (heads), in order
+    variant: str | None = None  # MPT pre-training: all | without_<key>
+    group: str | None = None  # cluster group (one sbatch job per PT model and its FTs)
+
+    @property
+    def datasets(self) -> tuple[str, ...]:
+        """The data sets whose graphs and splits this run reads."""
+        return self.sources or (self.dataset,)
+
+    @property
+    def lr_tag(self) -> str:
+        return lr_tag(self.lr) if self.lr is not None else ""
+
+
+def pt_group(src: str, pt_size: int, trial: int) -> str:
+    """Cluster group of a PT model and every fine-tune of it: one sbatch job on SLURM
+    (connected through the model file); local runs ignore groups."""
+    return f"pt.{src}-{pt_size}-t{trial}"
+
+
+def scratch_run(ds: str, size: int, trial: int) -> Run:
+    return Run(f"scratch/{ds}-{size}/t{trial}", "scratch", ds, size, trial)
+
+
+def pretrain_run(src: str, size: int, trial: int) -> Run:
+    return Run(
+        f"pt/{src}-{size}/t{trial}", "pretrain", src, size, trial, group=pt_group(src, size, trial)
+    )
+
+
+def finetune_run(
+    src: str, pt_size: int, ds: str, size: int, strategy: str, lr: float, trial: int, pt_trial: int
+) -> Run:
+    return Run(
+        f"ft/pt-{src}-{pt_size}/ft-{ds}-{size}/{strategy}-lr{lr_tag(lr)}/t{trial}",
+        "finetune",
+        ds,
+        size,
+        trial,
+        strategy=strategy,
+        lr=lr,
+        checkpoint=f"pt/{src}-{pt_size}/t{pt_trial}",
+        group=pt_group(src, pt_size, pt_trial),
+    )
+
+
+def mpt_run(config: Mapping, variant: str, pt_size: int, trial: int) -> Run:
+    return Run(
+        f"mpt/{variant}-{pt_size}/pt/t{trial}",
+        "mpt",
+        variant_name(variant),
+        pt_size,
+        trial,
+        sources=tuple(variant_sources(config, variant)),
+        variant=variant,
+    )
+
+
+def mpt_finetune_run(
+    variant: str, pt_size: int, ds: str, size: int, strategy: str, lr: float, trial: int, pt_trial
+) -> Run:
+    return Run(
+        f"mpt/{variant}-{pt_size}/ft-{ds}-{size}/{strategy}-lr{lr_tag(lr)}/t{trial}",
+        "mpt_finetune",
+        ds,
+        size,
+        trial,
+        strategy=strategy,
+        lr=lr,
+        checkpoint=f"mpt/{variant}-{pt_size}/pt/t{pt_trial}",
+    )
+
+
+@dataclasses.dataclass
+class Plan:
+    """Every run of a study, by id, with the families that asked for each."""
+
+    config: Mapping
+    layout: Layout
+    runs: dict[str, Run] = dataclasses.field(default_factory=dict)
+    requested: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def add(self, family: str, run: Run) -> None:
+        known = self.runs.setdefault(run.id, run)
+        if known != run:
+            raise ValueError(f"plan: run {run.id} is asked for twice with different settings")
+        ids = self.requested.setdefault(family, [])
+        if run.id not in ids:
+            ids.append(run.id)
+
+    def __getitem__(self, run_id: str) -> Run:
+        try:
+            return self.runs[run_id]
+        except KeyError:
+            raise KeyError(f"run {run_id!r} is not part of the study this config plans") from None
+
+    def of_kind(self, kind: str) -> list[Run]:
+        return [run for run in self.sorted_runs() if run.kind == kind]
+
+    def sorted_runs(self) -> list[Run]:
+        return [self.runs[k] for k in sorted(self.runs)]
+
+    def metrics_files(self) -> list[str]:
+        return [str(self.layout.run_dir(k) / "metrics.json") for k in sorted(self.runs)]
+
+    @property
+    def datasets(self) -> list[str]:
+        """The data sets the leakage step matches (every data set the study uses)."""
+        return study_datasets(self.config)
+
+    @property
+    def overlap(self) -> Path:
+        return self.layout.overlap(self.datasets)
+
+    def inputs(self, run_id: str) -> dict[str, str | list[str]]:
+        """The files a run reads: graphs and splits of its data set(s), the checkpoint it
+        fine-tunes, and the overlap file (PT pool exclusions, MPT clusters) where used."""
+        run = self[run_id]
+        inputs: dict[str, str | list[str]] = {
+            "graphs": [str(self.layout.graphs(ds)) for ds in run.datasets],
+            "splits": [str(self.layout.splits(ds)) for ds in run.datasets],
+        }
+        if run.checkpoint is not None:
+            inputs["checkpoint"] = str(self.layout.run_dir(run.checkpoint) / "model.pt")
+        elif run.external is not None:
+            inputs["checkpoint"] = run.external
+        if run.kind == "mpt" or (run.kind == "pretrain" and self.config["exclude_test_overlap"]):
+            inputs["overlap"] = str(self.overlap)
+        return inputs
+
+    def source_files(self, ds: str) -> list[str]:
+        return source_files(self.config, ds)
+
+    def counts(self) -> list[tuple[str, int, int]]:
+        """(family, runs it asks for, runs no earlier family asked for), in family order."""
+        seen: set[str] = set()
+        rows = []
+        for family in [f for f in FAMILIES if f in self.requested]:
+            ids = self.requested[family]
+            rows.append((family, len(ids), len(set(ids) - seen)))
+            seen |= set(ids)
+        return rows
+
+
+def build_plan(config: Mapping) -> Plan:
+    """Every run the config's enabled families need, after every check of the config."""
+    plan = Plan(config, Layout.from_config(config))
+    ood = ood_targets(config)
+    study = config["study"]
+    skipped = sorted(set(study["ood_targets"]) - set(ood))
+    plan.notes += [
+        f"OOD target {key} skipped: {config['data_dir']}/{key}.json.gz not found" for key in skipped
+    ]
+    _check_study(config)
+    families = study["families"]
+    finetunes = []
+    if families["pairwise"]:
+        finetunes += _add(plan, "pairwise", _pairwise(config, ood))
+    if families["pt_size_sweep"]:
+        finetunes += _add(plan, "pt_size_sweep", _pt_size_sweep(config))
+    if families["strategies"]:
+        finetunes += _add(plan, "strategies", _strategies(config))
+    if families["learning_rate"]:
+        finetunes += _add(plan, "learning_rate", _learning_rates(config))
+    mpt_finetunes = _add(plan, "mpt", _mpt(plan, config, ood)) if families["mpt"] else []
+    chain_stages = _add(plan, "chains", _chains(config)) if families["chains"] else []
+    finals = {
+        f"chain/{_chain_prefix(c['stages'])}/t{t}" for c in study["chains"] for t in _trials(config)
+    }
+    chain_finals = [run for run in chain_stages if run.id in finals]
+    if families["scratch"]:
+        _add(plan, "scratch", _scratch(config, [*finetunes, *mpt_finetunes, *chain_finals]))
+    return plan
+
+
+def _chain_prefix(stages: Iterable[str]) -> str:
+    return ".".join(stage_tag(s) for s in stages)
+
+
+def _add(plan: Plan, family: str, runs: Iterable[Run]) -> list[Run]:
+    runs = list(runs)
+    for run in runs:
+        plan.add(family, run)
+    return [run for run in runs if run.kind != "pretrain" and run.kind != "mpt"]
+
+
+def _trials(config: Mapping) -> range:
+    return range(1, config["study"]["trials"] + 1)
+
+
+def pt_trial(config: Mapping, trial: int) -> int:
+    """The PT model a fine-tune trial starts from (``study.pt_trials`` PT models cycle)."""
+    return (int(trial) - 1) % config["study"]["pt_trials"] + 1
+
+
+def _with_pretrains(config: Mapping, runs: Iterable[tuple]) -> list[Run]:
+    """Fine-tunes of (src, pt_size, ds, size, strategy, lr, trial) plus their PT models."""
+    out: list[Run] = []
+    for src, pt_size, ds, size, strategy, lr, trial in runs:
+        first = pt_trial(config, trial)
+        out.append(pretrain_run(src, pt_size, first))
+        out.append(finetune_run(src, pt_size, ds, size, strategy, lr, trial, first))
+    return out
+
+
+def _pairwise(config: Mapping, ood: list[str]) -> list[Run]:
+    study, lr, strategy = config["study"], finetune_lr(config), finetune_strategy(config)
+    datasets = study["datasets"]
+    return _with_pretrains(
+        config,
+        (
+            (src, study["pt_size"], ds, size, strategy, lr, t)
+            for src in datasets
+            if is_source(config, src)
+            for ds in [*datasets, *ood]
+            if ds != src
+            for size in study["ft_sizes"]
+            for t in _trials(config)
+        ),
+    )
+
+
+def _pt_size_sweep(config: Mapping) -> list[Run]:
+    study, lr, strategy = config["study"], finetune_lr(config), finetune_strategy(config)
+    sweep = study["pt_size_sweep"]
+    return _with_pretrains(
+        config,
+        (
+            (src, pt_size, ds, sweep["ft_size"], strategy, lr, t)
+            for src in sweep["sources"]
+            for pt_size in sweep["sizes"]
+            for ds in study["datasets"]
+            if ds != src
+            for t in _trials(config)
+        ),
+    )
+
+
+def _strategies(config: Mapping) -> list[Run]:
+    study, lr = config["study"], finetune_lr(config)
+    family = study["strategies"]
+    return _with_pretrains(
+        config,
+        (
+            (src, study["pt_size"], ds, size, strategy, lr, t)
+            for src, ds in family["pairs"]
+            for strategy in family["names"]
+            for size in family["ft_sizes"] or study["ft_sizes"]
+            for t in _trials(config)
+        ),
+    )
+
+
+def _learning_rates(config: Mapping) -> list[Run]:
+    study, strategy = config["study"], finetune_strategy(config)
+    family = study["learning_rate"]
+    return _with_pretrains(
+        config,
+        (
+            (src, study["pt_size"], ds, family["ft_size"], strategy, lr, t)
+            for src, ds in family["pairs"]
+            for lr in family["lrs"]
+            for t in _trials(config)
+        ),
+    )
+
+
+def _mpt(plan: Plan, config: Mapping, ood: list[str]) -> list[Run]:
+    study, lr = config["study"], finetune_lr(config)
+    family = study["mpt"]
+    targets = family["targets"] or [*study["datasets"], *ood]
+    check_keys(config, "study.mpt.targets", targets)
+    check_keys(config, "study.mpt.sources", family["sources"] or [])
+    pt_size = family["pt_size"] or study["pt_size"]
+    runs = []
+    for variant in mpt_variants(config):
+        for ds in targets:
+            for requested in family["strategies"]:
+                strategy = mpt_strategy(config, variant, ds, requested)
+                if strategy is None:
+                    plan.notes.append(
+                        f"MPT {variant} has no {ds} head; strategy {requested} skipped"
+                    )
+                    continue
+                for size in family["ft_sizes"] or study["ft_sizes"]:
+                    for t in _trials(config):
+                        first = pt_trial(config, t)
+                        runs.append(mpt_run(config, variant, pt_size, first))
+                        runs.append(
+                            mpt_finetune_run(variant, pt_size, ds, size, strategy, lr, t, first)
+                        )
+    return runs
+
+
+def _chains(config: Mapping) -> list[Run]:
+    """Every stage after the first of every chain (stage 1 is a PT run or an external
+    checkpoint); run ids name the whole prefix: chain/fe-941.bg-2000/t1."""
+    runs, strategies = [], {}
+    for n, chain in enumerate(config["study"]["chains"]):
+        stages, where = chain["stages"], f"study.chains[{n}]"
+        if any(s.startswith("ext:") for s in stages[1:]):
+            raise ValueError(f"config: {where}: only the first stage may be ext:<name>")
+        check_keys(config, f"{where}.stages", [s.split(":")[0] for s in stages[1:]])
+        if not stages[0].startswith("ext:"):
+            check_sources(config, f"{where}.stages[0]", [stages[0].split(":")[0]])
+        tags = [stage_tag(s) for s in stages]
+        for k in range(2, len(tags) + 1):
+            prefix = ".".join(tags[:k])
+            if strategies.setdefault(prefix, chain["strategy"]) != chain["strategy"]:
+                raise ValueError(
+                    f"config: {where}: stage {prefix} is shared with another chain "
+                    "that uses another strategy"
+                )
+            for t in _trials(config):
+                runs += _chain_stage(config, stages, k, chain["strategy"], t)
+    return runs
+
+
+def _chain_stage(
+    config: Mapping, stages: list[str], k: int, strategy: str, trial: int
+) -> list[Run]:
+    """Stage ``k`` (2-based) of a chain, plus the PT run its first stage needs."""
+    tags = [stage_tag(s) for s in stages[:k]]
+    ds, size = stages[k - 1].split(":")
+    run = Run(f"chain/{'.'.join(tags)}/t{trial}", "chain", ds, int(size), trial, strategy=strategy)
+    if k > 2:
+        return [dataclasses.replace(run, checkpoint=f"chain/{'.'.join(tags[:-1])}/t{trial}")]
+    first, value = stages[0].split(":")
+    if first == "ext":
+        return [dataclasses.replace(run, external=external_checkpoint(config, value))]
+    pt = pretrain_run(first, int(value), pt_trial(config, trial))
+    return [pt, dataclasses.replace(run, checkpoint=pt.id)]
+
+
+def _scratch(config: Mapping, finetunes: Iterable[Run]) -> list[Run]:
+    """Scratch baselines: the grid's FT sizes, plus every (target, size) a fine-tune uses
+    (the final stage of every chain included: what the chains are compared with)."""
+    study = config["study"]
+    cells = {(ds, size) for ds in study["datasets"] for size in study["ft_sizes"]}
+    cells |= {(run.dataset, run.size) for run in finetunes}
+    return [scratch_run(ds, size, t) for ds, size in sorted(cells) for t in _trials(config)]
+
+
+def _check_study(config: Mapping) -> None:
+    study = config["study"]
+    check_keys(config, "study.datasets", study["datasets"])
+    check_sources(config, "study.pt_size_sweep.sources", study["pt_size_sweep"]["sources"])
+    for family in ("strategies", "learning_rate"):
+        for pair in study[family]["pairs"]:
+            check_keys(config, f"study.{family}.pairs", pair)
+            if pair[0] == pair[1]:
+                raise ValueError(f"config: study.{family}.pairs has {pair}: source == target")
+        check_sources(config, f"study.{family}.pairs", [p[0] for p in study[family]["pairs"]])
+    check_sources(config, "study.mpt.sources", study["mpt"]["sources"] or [])
+
+
+# ----------------------------------------------------------------------------- resolved config
+
+
+def resolved_config_text(config: Mapping) -> str:
+    """The validated config (defaults filled) as the YAML every ``tlmat`` job reads."""
+    return yaml.safe_dump(dict(config), sort_keys=True)
+
+
+def resolved_config_path(config: Mapping) -> Path:
+    """Named by its content hash, so runs of different configs never share one file."""
+    digest = hashlib.sha1(resolved_config_text(config).encode()).hexdigest()[:10]
+    return Path(config["resources_dir"]) / "config" / f"{digest}.yaml"
+
+
+# ----------------------------------------------------------------------------- job counts
+
+
+def count_table(plan: Plan) -> str:
+    """The plan's jobs per family as a markdown table (the docs' table is this output)."""
+    trained = {ds for run in plan.runs.values() for ds in run.datasets}
+    n_prepare, n_featurize = len(trained | set(plan.datasets)), len(trained)
+    lines = ["| family | runs it asks for | new jobs |", "|---|---:|---:|"]
+    lines.append(f"| prepare | {n_prepare} | {n_prepare} |")
+    lines.append(f"| featurize | {n_featurize} | {n_featurize} |")
+    lines.append("| leakage | 1 | 1 |")
+    for family, asked, new in plan.counts():
+        lines.append(f"| {family} | {asked} | {new} |")
+    total = n_prepare + n_featurize + 1 + len(plan.runs) + 4
+    lines.append("| aggregate + figures | 2 | 2 |")
+    lines.append("| resolved config + `all` | 2 | 2 |")
+    lines.append(f"| **total** | | **{total}** |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tlmat.plan [CONFIG ...]``: print the job counts of a config."""
+    from tlmat.config import load_config
+
+    files = (argv if argv is not None else sys.argv[1:]) or ["config.yaml"]
+    print(count_table(build_plan(load_config(files))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
