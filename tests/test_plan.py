@@ -4,8 +4,6 @@ documents (job-count table, SLURM profile) that must agree with it."""
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,15 +18,6 @@ OFFLINE = ["data_dir=/nonexistent-offline-dir"]  # no JARVIS 2D frame: the OOD t
 
 def _config(*files: str, overrides: tuple[str, ...] = ()) -> dict:
     return load_config([ROOT / f for f in files], [*overrides])
-
-
-def test_importing_the_plan_loads_neither_torch_nor_pymatgen():
-    code = (
-        "import sys, tlmat.plan; "
-        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'pymatgen', 'pandas'}))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
 
 
 def test_full_study_runs_per_family():

@@ -308,6 +308,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     # before torch loads: spinning OpenMP threads slow 2-thread jobs up to 10x when a
     # neighbouring job holds a core (see benchmarks/README.md)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from tlmat import warm
+
+    if argv[:1] == [warm.SERVE_VERB]:
+        warm.serve(Path(argv[1]), main)
+        return 0
+    if warm.enabled(argv):  # workflow jobs: run in a fork of the warm server (tlmat.warm)
+        code = warm.run_remote(argv)
+        if code is not None:
+            return code
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,

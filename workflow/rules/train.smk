@@ -13,10 +13,10 @@ rule scratch:
         unpack(run_inputs),
     output:
         **run_outputs("{run}"),
-    wildcard_constraints:
-        run=r"scratch/[^/]+/t\d+",
     log:
         f"{LOGS}/{{run}}.log",
+    wildcard_constraints:
+        run=r"scratch/[^/]+/t\d+",
     conda:
         ENV
     threads: STUDY["threads"]
@@ -37,10 +37,10 @@ rule pretrain:
         unpack(run_inputs),
     output:
         **run_outputs("{run}"),
-    wildcard_constraints:
-        run=r"pt/[^/]+/t\d+",
     log:
         f"{LOGS}/{{run}}.log",
+    wildcard_constraints:
+        run=r"pt/[^/]+/t\d+",
     group:
         run_group
     conda:
@@ -53,9 +53,12 @@ rule pretrain:
         out=f"{RUNS}/{{run}}",
         run=run_of,
         train=TRAIN_PARAMS,
-        overlap=lambda wc, input: f"--overlap {input.overlap}" if "overlap" in input.keys() else "",
+        overlap=lambda wc, input: (
+            f"--overlap {input.overlap}" if "overlap" in input.keys() else ""
+        ),
     shell:
-        TRAIN_SHELL + " --kind pretrain --dataset {params.run.dataset} {params.overlap}"
+        TRAIN_SHELL
+        + " --kind pretrain --dataset {params.run.dataset} {params.overlap}"
         " --size {params.run.size} --trial {params.run.trial} > {log} 2>&1"
 
 
@@ -64,10 +67,10 @@ rule finetune:
         unpack(run_inputs),
     output:
         **run_outputs("{run}"),
-    wildcard_constraints:
-        run=r"ft/[^/]+/[^/]+/[^/]+/t\d+",
     log:
         f"{LOGS}/{{run}}.log",
+    wildcard_constraints:
+        run=r"ft/[^/]+/[^/]+/[^/]+/t\d+",
     group:
         run_group
     conda:
@@ -92,10 +95,10 @@ rule mpt_pretrain:
         unpack(run_inputs),
     output:
         **run_outputs("{run}"),
-    wildcard_constraints:
-        run=r"mpt/[^/]+/pt/t\d+",
     log:
         f"{LOGS}/{{run}}.log",
+    wildcard_constraints:
+        run=r"mpt/[^/]+/pt/t\d+",
     conda:
         ENV
     threads: STUDY["threads"]
@@ -117,10 +120,10 @@ rule mpt_finetune:
         unpack(run_inputs),
     output:
         **run_outputs("{run}"),
-    wildcard_constraints:
-        run=r"mpt/[^/]+/ft-[^/]+/[^/]+/t\d+",
     log:
         f"{LOGS}/{{run}}.log",
+    wildcard_constraints:
+        run=r"mpt/[^/]+/ft-[^/]+/[^/]+/t\d+",
     conda:
         ENV
     threads: STUDY["threads"]
@@ -143,10 +146,10 @@ rule chain_stage:
         unpack(run_inputs),
     output:
         **run_outputs("{run}"),
-    wildcard_constraints:
-        run=r"chain/[^/]+/t\d+",
     log:
         f"{LOGS}/{{run}}.log",
+    wildcard_constraints:
+        run=r"chain/[^/]+/t\d+",
     conda:
         ENV
     threads: STUDY["threads"]
