@@ -1,6 +1,7 @@
-# tlmat: the transfer-learning study as one DAG.
+# tlmat: the transfer-learning study as one DAG (see docs/workflow.md).
 # Full paper study:   snakemake --cores N
-# Quick study:        snakemake --cores 2 --configfile presets/quick.yaml --config data_dir=../shared/data
+# Quick study:        snakemake --cores 2 --configfile presets/quick.yaml  (make demo; data/demo)
+# Full offline pools: add --config data_dir=../shared/data splits_file=../shared/data/splits.json
 # Grid, sizes and trials come from config.yaml (schema: workflow/schemas/config.schema.yaml).
 
 
