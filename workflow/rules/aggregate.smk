@@ -52,6 +52,7 @@ rule aggregate:
     input:
         metrics=METRICS,
         published=[PUBLISHED] if PUBLISHED else [],
+        config=ancient(CONFIG),
     output:
         TABLES,
     log:
@@ -59,7 +60,6 @@ rule aggregate:
     conda:
         ENV
     params:
-        config=CONFIG,
         defaults={k: config[k] for k in ("study", "finetune", "datasets")},
     script:
         "../scripts/aggregate.py"
@@ -68,6 +68,7 @@ rule aggregate:
 rule figures:
     input:
         TABLES,
+        config=ancient(CONFIG),
     output:
         [
             report(
@@ -83,7 +84,6 @@ rule figures:
     conda:
         ENV
     params:
-        config=CONFIG,
         runs=RUNS,
         expect=FIGURE_STEMS,
         datasets=config["datasets"],
@@ -102,7 +102,8 @@ PAPER_FIGURES = figure_files(f"{PAPER}/figures", PAPER_FIGURE_STEMS)
 
 rule paper_tables:
     input:
-        PAPER_SOURCE,
+        published=PAPER_SOURCE,
+        config=ancient(CONFIG),
     output:
         PAPER_TABLES,
     log:
@@ -110,16 +111,16 @@ rule paper_tables:
     conda:
         ENV
     params:
-        config=CONFIG,
         out=f"{PAPER}/tables",
     shell:
-        "tlmat aggregate --config {params.config} --published-only --published {input} "
+        "tlmat aggregate --config {input.config} --published-only --published {input.published} "
         "--out {params.out} > {log} 2>&1"
 
 
 rule paper_figures:
     input:
         PAPER_TABLES,
+        config=ancient(CONFIG),
     output:
         PAPER_FIGURES,
     log:
@@ -127,13 +128,12 @@ rule paper_figures:
     conda:
         ENV
     params:
-        config=CONFIG,
         tables=f"{PAPER}/tables",
         out=f"{PAPER}/figures",
         names=" ".join(PUBLISHED_FIGURES),
         stems=" ".join(PAPER_FIGURE_STEMS),
     shell:
-        "tlmat figures --config {params.config} --tables {params.tables} "
+        "tlmat figures --config {input.config} --tables {params.tables} "
         "--runs {params.tables} --out {params.out} --only {params.names} "
         "--expect {params.stems} > {log} 2>&1"
 

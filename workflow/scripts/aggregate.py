@@ -11,7 +11,7 @@ from tlmat.config import load_config
 from tlmat.report.commands import aggregate_command
 
 logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, force=True)  # noqa: F821
-config = load_config([snakemake.params.config])  # noqa: F821
+config = load_config([snakemake.input.config])  # noqa: F821
 published = snakemake.input.published  # noqa: F821
 aggregate_command(
     config,
