@@ -1,7 +1,8 @@
 # tlmat: `make demo` runs the quick study, `make test` the test suite.
 # Both create .venv and install everything first when needed.
-# On a machine without CUDA torch==2.13.0 (CPU) is installed before the rest; set
-# TORCH_SPEC / TORCH_INDEX to choose another build (e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu).
+# torch (TORCH_SPEC, default torch==2.13.0) is installed before the rest, from pip's index
+# (on plain PyPI under Linux that is the CUDA build; TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# picks the CPU one). `make demo` runs on the demo data in data/demo; DATA_DIR=... overrides.
 
 PYTHON ?= python3
 VENV ?= .venv

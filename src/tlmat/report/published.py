@@ -19,7 +19,7 @@ import pandas as pd
 from tlmat.report.names import PUBLISHED_MODEL
 from tlmat.report.runs import run_frame
 
-#: the paper's strategy codes -> tlmat strategy names (README "Fine-tune strategies")
+#: the paper's strategy codes -> tlmat strategy names (docs/study.md, "Fine-tune strategies")
 STRATEGY_CODES: dict[str, str | None] = {
     "ALL-UF": "full",
     "LAST-LAY": "last_layer",
