@@ -1,4 +1,4 @@
-"""Model API, ALIGNN maths and symmetries, native-kernel parity, CGCNN."""
+"""Model API, ALIGNN maths and symmetries, native kernels (parity, packaging), CGCNN."""
 
 from __future__ import annotations
 
@@ -6,6 +6,11 @@ import copy
 import dataclasses
 import multiprocessing
 import os
+import re
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +19,7 @@ from conftest import make_structures, synthetic_target
 from torch_geometric.data import Batch, Data
 
 from tlmat.graphs import FeaturizerSettings, structure_to_graph
-from tlmat.models import ARCHS, ModelConfig, TLModel, build_model, common
+from tlmat.models import ARCHS, ModelConfig, TLModel, alignn, build_model, native
 from tlmat.models.alignn import EdgeGatedGraphConv, native_available
 
 SMALL = ModelConfig(hidden=32, embedding=16, alignn_layers=2, gcn_layers=2)
@@ -153,7 +158,7 @@ def test_native_kernels_match_pytorch_path(
     graphs: list[Data], threads: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Forward, every parameter gradient and BatchNorm statistics agree in both modes."""
-    monkeypatch.setattr(common, "MIN_CHUNK_ROWS", 16)  # several chunks even for tiny graphs
+    monkeypatch.setattr(native, "MIN_CHUNK_ROWS", 16)  # several chunks even for tiny graphs
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -199,14 +204,14 @@ _record.argtypes = [None] * 4  # run_chunks checks the arity of (ctypes) functio
 
 def _chunks_in_child() -> None:
     out: list = []
-    common.run_chunks(_record, [(0, 5), (5, 9)], lambda i, a, b: (i, a, b, out))
+    native.run_chunks(_record, [(0, 5), (5, 9)], lambda i, a, b: (i, a, b, out))
     os._exit(0 if sorted(out) == [(0, 0, 5), (1, 5, 9)] else 1)
 
 
 def test_chunk_pool_survives_fork() -> None:
     """A forked child inherits the parent's thread pool object but not its threads."""
     out: list = []
-    common.run_chunks(_record, [(0, 2), (2, 4), (4, 6)], lambda i, a, b: (i, a, b, out))
+    native.run_chunks(_record, [(0, 2), (2, 4), (4, 6)], lambda i, a, b: (i, a, b, out))
     assert sorted(out) == [(0, 0, 2), (1, 2, 4), (2, 4, 6)]
     child = multiprocessing.get_context("fork").Process(target=_chunks_in_child)
     child.start()
@@ -228,6 +233,96 @@ def test_native_path_checks_its_indices() -> None:
     torch.testing.assert_close(x1, x2, atol=1e-5, rtol=1e-5)
     with pytest.raises(IndexError):
         conv(x, y, strided + 1, gather)
+
+
+# ------------------------------------------------------------------------------ native module
+
+KERNELS = resources.files("tlmat.models") / "kernels"
+
+
+def test_kernel_sources_ship_as_package_data() -> None:
+    """The .c files are package resources, and pyproject's package-data puts them in wheels."""
+    import fnmatch
+    import tomllib
+
+    names = sorted(f.name for f in KERNELS.iterdir() if f.name.endswith(".c"))
+    assert "alignn.c" in names
+    assert native.kernel_source("alignn") == (KERNELS / "alignn.c").read_text(encoding="utf-8")
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    globs = pyproject["tool"]["setuptools"]["package-data"]["tlmat.models"]
+    for name in names:
+        assert any(fnmatch.fnmatch(f"kernels/{name}", g) for g in globs), name
+
+
+def test_signatures_match_the_c_prototypes() -> None:
+    """``_SIGNATURES`` (alignn.py) and the C file are edited apart; ctypes trusts both."""
+    text = native.kernel_source("alignn")
+    found = {
+        name: "".join("p" if "*" in arg else "i" for arg in args.split(","))
+        for name, args in re.findall(r"^void (\w+)\(([^)]*)\)", text, flags=re.M)
+    }
+    assert found == dict(alignn._SIGNATURES)
+    for args in re.findall(r"^void \w+\(([^)]*)\)", text, flags=re.M):
+        assert all("*" in a or a.split()[0] == "int64_t" for a in args.split(",")), args
+
+
+def test_load_builds_the_packaged_file(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``load`` compiles the text of kernels/<name>.c; any failure means None and a warning."""
+    seen: list[tuple[str, str]] = []
+
+    def no_compiler(source: str, name: str):
+        seen.append((source, name))
+        raise RuntimeError("no compiler in this test")
+
+    monkeypatch.setattr(native, "_compile", no_compiler)
+    monkeypatch.delenv("TLMAT_NATIVE", raising=False)
+    load = native.load.__wrapped__  # bypass the per-process cache
+    with caplog.at_level("WARNING", logger="tlmat.models.native"):
+        assert load("alignn", alignn._SIGNATURES) is None
+    assert seen == [(native.kernel_source("alignn"), "alignn")]
+    assert "native alignn kernels unavailable, using the PyTorch path: no compiler" in caplog.text
+    monkeypatch.setenv("TLMAT_NATIVE", "off")
+    assert load("alignn", alignn._SIGNATURES) is None and len(seen) == 1
+
+
+_LAZY = """
+import sys
+from pathlib import Path
+from tlmat.models import ModelConfig, build_model, native
+from tlmat.models.alignn import native_available
+build_model(ModelConfig(hidden=8, embedding=8, alignn_layers=1, gcn_layers=1))
+cache = Path(sys.argv[1])
+assert not cache.exists(), "compiled at import or build_model"
+assert not native._MALLOC_TUNED, "build_model tuned malloc"
+print(native_available(), len(list(cache.glob("alignn-*.so"))))
+"""
+
+
+def test_import_and_build_neither_compile_nor_tune_malloc(tmp_path: Path) -> None:
+    """A fresh process: importing and building a model compiles nothing and leaves glibc's
+    allocator alone; the first use builds the kernel into ``TLMAT_KERNEL_CACHE``."""
+    cache = tmp_path / "kernels"
+    env = {**os.environ, "TLMAT_KERNEL_CACHE": str(cache), "TLMAT_NATIVE": "1"}
+    run = subprocess.run(
+        [sys.executable, "-c", _LAZY, str(cache)], env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    available, built = run.stdout.split()
+    assert available == str(native_available())
+    assert int(built) == (available == "True")
+
+
+def test_cli_tunes_malloc_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tlmat import cli
+
+    calls: list[int] = []
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # main() sets it; keep the env as it was
+    monkeypatch.setattr(native, "tune_malloc", lambda: calls.append(1) or True)
+    monkeypatch.setattr(cli, "_dispatch", lambda args: None)
+    assert cli.main(["aggregate"]) == 0
+    assert calls == [1]
 
 
 # ------------------------------------------------------------------------------ symmetries

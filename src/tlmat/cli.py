@@ -327,6 +327,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if os.environ.get("SLURM_JOB_ID"):
         logging.getLogger("tlmat").info("running in SLURM job %s", os.environ["SLURM_JOB_ID"])
+    # process-wide glibc tuning (~25 % of a CPU training step), which the library leaves to
+    # its entry points: a `tlmat` process is one job, notebooks and tests are not
+    from tlmat.models.native import tune_malloc
+
+    tune_malloc()
     try:
         _dispatch(args)
     except USER_ERRORS as err:

@@ -18,7 +18,6 @@ from torch import nn
 
 from tlmat.models.alignn import ALIGNNBackbone
 from tlmat.models.cgcnn import CGCNNBackbone
-from tlmat.models.common import tune_cpu_allocator
 
 ARCHS = ("alignn", "cgcnn")
 
@@ -164,8 +163,9 @@ class TLModel(nn.Module):
 def build_model(config: ModelConfig) -> TLModel:
     """The model described by ``config`` (fresh, randomly initialised weights).
 
-    Also tunes glibc's allocator once per process (``tune_cpu_allocator``): on CPU that is
-    worth ~25 % of ALIGNN's step time; ``TLMAT_MALLOC_TUNE=0`` leaves the allocator alone.
+    It changes no process-wide state: glibc's allocator tuning, worth ~25 % of ALIGNN's CPU
+    step time, is ``tlmat.models.native.tune_malloc()``, which the ``tlmat`` command line
+    calls; in-process training (notebooks, scripts) calls it explicitly if it wants it.
+    Native kernels are compiled lazily, on the first forward pass that can use them.
     """
-    tune_cpu_allocator()
     return TLModel(config)
