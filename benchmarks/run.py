@@ -37,6 +37,7 @@ from torch_geometric.data import Batch  # noqa: E402
 from tlmat.graphs import FeaturizerSettings, GraphCache, featurize  # noqa: E402
 from tlmat.models import ModelConfig, TLModel, build_model  # noqa: E402
 from tlmat.models.alignn import EdgeGatedGraphConv, native_available  # noqa: E402
+from tlmat.models.native import tune_malloc  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -192,6 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
     batches, collate_rate = make_batches(cache, args.batch_size, args.seed)
     bs = args.batch_size
     n_bonds = sum(b.edge_index.shape[1] for b in batches) / (len(batches) * bs)
+    tune_malloc()  # what the `tlmat` CLI does once per process: training jobs run tuned
     model = build_model(ModelConfig())
     n_params = sum(p.numel() for p in model.parameters())
 
