@@ -14,9 +14,11 @@ from tlmat.data import (
     DataError,
     DatasetSpec,
     clean,
+    duplicate_counts,
     load_dataset,
     make_splits,
     read_frame,
+    resolve_duplicates,
     subset_ids,
     train_val_split,
     write_frame,
@@ -80,10 +82,38 @@ def test_clean_counts_and_drops():
         "non_finite_target": 2,
         "bad_structure": 1,
         "exact_duplicates": 1,
+        "test_twins": 0,
         "kept": 3,
     }
     assert cleaned.index.tolist() == [0, 4, 5]
     assert cleaned["target"].dtype == float
+
+
+def test_an_exact_twin_with_a_lower_id_leaves_and_the_published_test_id_stays():
+    frame = make_frame(5, start_id=10)
+    twin = frame.loc[[13]].copy()  # same structure and target as test id 13, lower id
+    twin.index = [2]
+    subset_twin = frame.loc[[11]].copy()  # twin of pool id 11, which a published subset names
+    subset_twin.index = [1]
+    frame = pd.concat([frame, twin, subset_twin])
+    aliases: dict[int, int] = {}
+    cleaned, counts = clean(frame, "x", test_ids=[13, 14], subset_ids=[11], aliases=aliases)
+    assert 13 in cleaned.index and 2 not in cleaned.index
+    assert 11 in cleaned.index and 1 not in cleaned.index
+    assert counts["exact_duplicates"] == 2 and counts["test_twins"] == 1
+    assert aliases == {2: 13, 1: 11}
+    assert duplicate_counts(aliases, [13, 14]) == {
+        "n_duplicates_dropped": 2,
+        "n_test_twins_dropped": 1,
+    }
+    # without published ids: the lowest id is kept, as before
+    assert sorted(clean(frame, "x")[0].index) == [1, 2, 10, 12, 14]
+
+
+def test_two_published_test_ids_that_are_twins_are_both_kept():
+    assert resolve_duplicates([[5, 3, 9, 1]], test_ids=[5, 9]) == {3: 5, 1: 5}
+    assert resolve_duplicates([[5, 3, 1]], subset_ids=[3]) == {5: 3, 1: 3}
+    assert resolve_duplicates([[5, 3, 1]]) == {5: 1, 3: 1}
 
 
 def test_generated_splits_are_seeded_and_disjoint():

@@ -18,11 +18,14 @@ from tlmat.leakage import (
     find_overlap,
     leakage_table,
     load_overlap,
+    structure_matcher,
+    vacuum_axis,
 )
 from tlmat.runs import (
     RunSpec,
     ensure_inputs,
     execute_run,
+    prepare_dataset,
     pretrain_pool_exclusions,
     pretrain_subset_ids,
 )
@@ -129,7 +132,8 @@ def test_duplicates_inside_a_dataset_collapse_to_the_published_test_member():
     frame = _entry(frame, _copy(frame.loc[4, "structure"]), 2_000)  # twin of test entry 4
     frame = _entry(frame, _copy(frame.loc[1, "structure"]), 3_000)  # twin of pool entry 1
     published = {"test": [4, 5], "trials": {"trial1": {"3": [2_000, 3_000, 2]}}}
-    kept, remapped = dedupe_prepared(frame, "x", published)
+    kept, remapped, aliases = dedupe_prepared(frame, "x", published)
+    assert aliases == {2_000: 4, 1: 3_000}
     # test entry 4 is kept over its twin; of 1 and 3000 the published subset's member is kept
     assert sorted(kept.index) == [0, 2, 3, 4, 5, 3_000]
     # the test entry's twin leaves the subset (it would train on a test crystal)
@@ -142,8 +146,57 @@ def test_duplicates_inside_a_dataset_collapse_to_the_published_test_member():
 def test_lowest_id_kept_without_published_splits():
     frame = make_frame(3, seed=8, start_id=10)
     frame = _entry(frame, frame.loc[11, "structure"].copy(), 5)
-    kept, published = dedupe_prepared(frame, "x", None)
-    assert sorted(kept.index) == [5, 10, 12] and published is None
+    kept, published, aliases = dedupe_prepared(frame, "x", None)
+    assert sorted(kept.index) == [5, 10, 12] and published is None and aliases == {11: 5}
+
+
+def test_exact_and_crystal_duplicates_follow_one_policy_and_are_on_record(tmp_path):
+    """A published test id whose exact twin has a lower id stays; the twin leaves the pool,
+    and both duplicate steps' counts are written into the splits file."""
+    frame = make_frame(12, seed=9, start_id=10)
+    frame = _entry(frame, frame.loc[14, "structure"].copy(), 1)  # exact twin of test id 14
+    frame = _entry(frame, _copy(frame.loc[15, "structure"]), 2)  # crystal twin of test id 15
+    frame = _entry(frame, _copy(frame.loc[16, "structure"]), 3)  # crystal twin of pool id 16
+    data = tmp_path / "data"
+    write_frame(frame, data / "aa.json.gz")
+    published = {"aa": {"test": [14, 15], "trials": {"trial1": {"4": [1, 2, 3, 17]}}}}
+    (data / "splits.json").write_text(json.dumps(published))
+    config = tiny_config(tmp_path, ["aa"], f"splits_file={data / 'splits.json'}")
+    frame_path, splits_path = tmp_path / "aa.json.gz", tmp_path / "aa.json"
+    prepare_dataset(config, "aa", frame_path, splits_path)
+    splits = json.loads(splits_path.read_text())
+    assert splits["source"] == "published" and splits["test"] == [14, 15]
+    assert splits["n_duplicates_dropped"] == 3 and splits["n_test_twins_dropped"] == 2
+    assert splits["trials"]["trial1"]["4"] == [3, 17]  # test twins left, 3 kept over 16
+    assert sorted(read_frame(frame_path).index) == [3, 10, 11, 12, 13, 14, 15, *range(17, 22)]
+
+
+def _mos2(c: float, a: float = 3.16, phase: str = "2H", shift: float = 0.0) -> Structure:
+    """A MoS2 monolayer in a cell of height ``c`` (Å) along z: vacuum = c - 3.1 Å."""
+    dz = 1.56 / c
+    top, bottom = (
+        ([2 / 3, 1 / 3], [2 / 3, 1 / 3]) if phase == "2H" else ([2 / 3, 1 / 3], [1 / 3, 2 / 3])
+    )
+    coords = [[0, 0, 0.5 + shift], [*top, 0.5 + dz + shift], [*bottom, 0.5 - dz + shift]]
+    return Structure(Lattice.hexagonal(a, c), ["Mo", "S", "S"], coords)
+
+
+def test_slabs_match_by_their_layer_whatever_the_vacuum_padding():
+    """docs/data.md: slabs are rebuilt with a fixed vacuum and matched without volume
+    scaling, so one layer in two cells is one crystal, and another layer of the same
+    composition (1T instead of 2H, or a 7 % larger lattice) is not."""
+    same = [_mos2(18), _mos2(28, shift=0.3), _mos2(18, a=3.18)]
+    distinct = [_mos2(18, phase="1T"), _mos2(18, a=3.40)]
+    assert all(vacuum_axis(s) is not None for s in same + distinct)
+    assert vacuum_axis(_rocksalt()) is None
+    assert crystal_labels(same + distinct, progress=False).tolist() == [0, 0, 0, 1, 2]
+    # what volume scaling did: 2H = 1T, and the vacuum padding decided the match
+    bulk = structure_matcher()
+    assert bulk.fit(same[0], distinct[0]) and not bulk.fit(same[0], same[1])
+    # a slab is never the same crystal as a bulk structure of its composition
+    bulk_mos2 = _mos2(6.2)
+    assert vacuum_axis(bulk_mos2) is None
+    assert len(set(crystal_labels([same[0], bulk_mos2], progress=False).tolist())) == 2
 
 
 def test_real_data_overlap_is_plausible(shared_data):

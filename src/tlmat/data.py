@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -209,8 +209,54 @@ def _fingerprint(structure: Structure, target: float) -> bytes:
     return b"|".join(parts)
 
 
+def keeper_order(
+    test_ids: Collection[int] = (), subset_ids: Collection[int] = ()
+) -> Callable[[int], tuple]:
+    """The one policy of every duplicate step: the sort key that ranks a duplicate group.
+
+    The member kept is a published test id (all of them when several are: a published test
+    set is never altered), else a member of a published trial subset, else the lowest id.
+    Every other member is dropped; one whose kept twin is a test id leaves the training
+    pool with it (a "test twin").
+    """
+    test, subset = {int(i) for i in test_ids}, {int(i) for i in subset_ids}
+    return lambda i: (int(i) not in test, int(i) not in subset, int(i))
+
+
+def resolve_duplicates(
+    groups: Iterable[Sequence[int]],
+    test_ids: Collection[int] = (),
+    subset_ids: Collection[int] = (),
+) -> dict[int, int]:
+    """``{dropped id: kept id}`` for groups of ids that are one entry (:func:`keeper_order`).
+
+    Published test ids are never dropped, even when a group holds several of them.
+    """
+    test, rank = {int(i) for i in test_ids}, keeper_order(test_ids, subset_ids)
+    aliases: dict[int, int] = {}
+    for members in groups:
+        ranked = sorted((int(i) for i in members), key=rank)
+        aliases.update({i: ranked[0] for i in ranked[1:] if i not in test})
+    return aliases
+
+
+def duplicate_counts(aliases: Mapping[int, int], test_ids: Collection[int]) -> dict[str, int]:
+    """What the duplicate steps dropped: every duplicate, and those that were twins of a
+    published test entry (they leave the training pool). Written into the splits file."""
+    test = {int(i) for i in test_ids}
+    return {
+        "n_duplicates_dropped": len(aliases),
+        "n_test_twins_dropped": sum(int(kept) in test for kept in aliases.values()),
+    }
+
+
 def clean(
-    frame: pd.DataFrame, key: str, drop_bad_records: bool = False
+    frame: pd.DataFrame,
+    key: str,
+    drop_bad_records: bool = False,
+    test_ids: Collection[int] = (),
+    subset_ids: Collection[int] = (),
+    aliases: dict[int, int] | None = None,
 ) -> tuple[pd.DataFrame, dict[str, int]]:
     """Check every record; drop exact duplicates; bad records are an error unless dropped.
 
@@ -219,6 +265,11 @@ def clean(
     the count, the first ids and the reason, since silently training on less data than asked
     changes the study; ``datasets.<key>.drop_bad_records: true`` drops them instead (for
     sources with known gaps, e.g. JARVIS writes missing values as "na").
+
+    Of exact duplicates (same structure and target), the member kept follows
+    :func:`keeper_order`: a published test id (``test_ids``) is never dropped, and its exact
+    twins leave the data (counted as ``test_twins``). ``aliases``, when given, receives
+    ``{dropped id: kept id}`` (published subsets are remapped with it).
 
     Returns the cleaned frame (integer index named ``id``) and the counts, which are logged.
     """
@@ -243,9 +294,15 @@ def clean(
     frame = frame[~bad].assign(target=targets[~bad], structure=structures[~bad])
 
     prints = [_fingerprint(s, t) for s, t in zip(frame["structure"], frame["target"], strict=True)]
-    unique = ~pd.Series(prints, index=frame.index).duplicated(keep="first").to_numpy()
-    counts["exact_duplicates"] = int((~unique).sum())
-    frame = frame[unique]
+    groups: dict[bytes, list[int]] = {}
+    for index, fingerprint in zip(frame.index, prints, strict=True):
+        groups.setdefault(fingerprint, []).append(int(index))
+    dropped = resolve_duplicates(groups.values(), test_ids, subset_ids)
+    counts["exact_duplicates"] = len(dropped)
+    counts["test_twins"] = duplicate_counts(dropped, test_ids)["n_test_twins_dropped"]
+    frame = frame.drop(index=list(dropped))
+    if aliases is not None:
+        aliases.update(dropped)
     frame.index = frame.index.astype(np.int64).rename("id")
     counts["kept"] = len(frame)
     log.info("%s: cleaning %s", key, ", ".join(f"{k}={v}" for k, v in counts.items()))

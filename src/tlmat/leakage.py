@@ -31,11 +31,12 @@ from pymatgen.analysis.structure_matcher import ElementComparator, StructureMatc
 from pymatgen.core import Structure
 from tqdm.auto import tqdm
 
+from tlmat.data import duplicate_counts, resolve_duplicates
 from tlmat.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-#: StructureMatcher settings used everywhere (pymatgen's defaults, made explicit):
+#: StructureMatcher settings of bulk crystals (pymatgen's defaults, made explicit):
 #: ltol 0.2 (fractional lattice length), stol 0.3 (site tolerance, in units of the average
 #: free length per atom), angle_tol 5°. ``primitive_cell`` reduces both structures to their
 #: primitive cells, so a supercell of a crystal matches it without the slow
@@ -50,12 +51,72 @@ MATCHER_SETTINGS: dict = {
     "scale": True,
     "attempt_supercell": False,
 }
+#: Settings for slabs (structures with vacuum, see :func:`vacuum_axis`; e.g. JARVIS 2D).
+#: A slab's volume is mostly vacuum, so volume scaling would rescale the layer itself and
+#: merge distinct layers (other lattice constants) of one composition; and the site
+#: tolerance, in units of the free length per atom, would grow with the vacuum. Slabs are
+#: therefore rebuilt with a fixed vacuum (:func:`normalize_slab`: the vacuum padding no
+#: longer matters) and matched without scaling and with tighter tolerances: in-plane
+#: lattice lengths within 5 %, sites within 0.1 of the (fixed-vacuum) free length.
+SLAB_MATCHER_SETTINGS: dict = {
+    "ltol": 0.05,
+    "stol": 0.1,
+    "angle_tol": 3.0,
+    "primitive_cell": True,
+    "scale": False,
+    "attempt_supercell": False,
+}
+VACUUM_GAP = 7.0  # Å: an empty layer at least this thick along a lattice axis makes a slab
+SLAB_VACUUM = 20.0  # Å: the vacuum every slab is rebuilt with before matching
 _ROUND = 4  # decimals of the exact fingerprint (Å and fractional coordinates)
 
 
 def structure_matcher() -> StructureMatcher:
-    """The one matcher of the project (intra- and cross-data-set matching alike)."""
+    """The one matcher of bulk crystals (intra- and cross-data-set matching alike)."""
     return StructureMatcher(comparator=ElementComparator(), **MATCHER_SETTINGS)
+
+
+def slab_matcher() -> StructureMatcher:
+    """The matcher of slabs (:data:`SLAB_MATCHER_SETTINGS`), on :func:`normalize_slab` forms."""
+    return StructureMatcher(comparator=ElementComparator(), **SLAB_MATCHER_SETTINGS)
+
+
+def vacuum_axis(structure: Structure) -> tuple[int, float] | None:
+    """(lattice axis, where the layer starts as a fractional coordinate) of a slab, else None.
+
+    A slab has an empty layer at least :data:`VACUUM_GAP` thick between the planes of its
+    atoms along one lattice axis (the widest one is taken); bulk crystals have none.
+    """
+    matrix, frac = structure.lattice.matrix, structure.frac_coords % 1.0
+    best: tuple[float, int, float] | None = None
+    for axis in range(3):
+        others = [matrix[k] for k in range(3) if k != axis]
+        spacing = structure.volume / np.linalg.norm(np.cross(*others))
+        coords = np.sort(frac[:, axis])
+        gaps = np.diff(np.append(coords, coords[0] + 1.0)) * spacing
+        widest = int(np.argmax(gaps))
+        if gaps[widest] >= VACUUM_GAP and (best is None or gaps[widest] > best[0]):
+            best = (float(gaps[widest]), axis, float(coords[(widest + 1) % len(coords)]))
+    return None if best is None else (best[1], best[2])
+
+
+def normalize_slab(structure: Structure, axis: int, layer_start: float) -> Structure:
+    """The slab with its atoms kept in place and the vacuum axis replaced by the layer's
+    normal, :data:`SLAB_VACUUM` longer than the layer is thick: the same layer gives the
+    same structure whatever vacuum padding (or stacking vector) it was stored with."""
+    matrix = structure.lattice.matrix.copy()
+    frac = structure.frac_coords.copy()
+    frac[:, axis] = (frac[:, axis] - layer_start) % 1.0  # the layer is now contiguous
+    frac[:, axis] = np.where(frac[:, axis] > 1.0 - 1e-9, 0.0, frac[:, axis])
+    cart = frac @ matrix
+    a, b = (matrix[k] for k in range(3) if k != axis)
+    normal = np.cross(a, b) / np.linalg.norm(np.cross(a, b))
+    normal *= np.sign(normal @ matrix[axis])
+    heights = cart @ normal
+    thickness = float(heights.max() - heights.min())
+    matrix[axis] = normal * (thickness + SLAB_VACUUM)
+    cart -= np.outer(heights.min(), normal)  # the layer starts at height 0
+    return Structure(matrix, structure.species, cart, coords_are_cartesian=True)
 
 
 def _composition_key(structure: Structure) -> str:
@@ -83,7 +144,7 @@ def crystal_labels(structures: Sequence[Structure], progress: bool | None = None
     for index, structure in enumerate(structures):
         by_composition[_composition_key(structure)].append(index)
     labels = np.full(len(structures), -1, dtype=np.int64)
-    matcher = structure_matcher()
+    matchers = (structure_matcher(), slab_matcher())
     groups = [members for members in by_composition.values()]
     work = [g for g in groups if len(g) > 1]
     log.info(
@@ -94,16 +155,19 @@ def crystal_labels(structures: Sequence[Structure], progress: bool | None = None
     )
     next_label = 0
     for members in tqdm(groups, desc="matching crystals", disable=_disable(progress)):
-        for cluster in _match_group(structures, members, matcher):
+        for cluster in _match_group(structures, members, matchers):
             labels[cluster] = next_label
             next_label += 1
     return _renumber(labels)
 
 
 def _match_group(
-    structures: Sequence[Structure], members: list[int], matcher: StructureMatcher
+    structures: Sequence[Structure],
+    members: list[int],
+    matchers: tuple[StructureMatcher, StructureMatcher],
 ) -> list[list[int]]:
-    """Clusters (lists of indices) of one composition group."""
+    """Clusters (lists of indices) of one composition group: bulk crystals and slabs are
+    matched apart, each with its own matcher (a slab is never its bulk parent)."""
     if len(members) == 1:
         return [members]
     exact: dict[bytes, list[int]] = defaultdict(list)
@@ -111,12 +175,21 @@ def _match_group(
         exact[_exact_key(structures[index])].append(index)
     if len(exact) == 1:
         return [members]
-    representatives = [indices[0] for indices in exact.values()]
-    rep_of = {id(structures[i]): i for i in representatives}
-    same = {indices[0]: indices for indices in exact.values()}
+    bulk, slabs = [], []
+    for indices in exact.values():
+        vacuum = vacuum_axis(structures[indices[0]])
+        if vacuum is None:
+            bulk.append((structures[indices[0]], indices))
+        else:
+            slabs.append((normalize_slab(structures[indices[0]], *vacuum), indices))
     clusters = []
-    for group in matcher.group_structures([structures[i] for i in representatives]):
-        clusters.append(sorted(j for s in group for j in same[rep_of[id(s)]]))
+    for matcher, records in zip(matchers, (bulk, slabs), strict=True):
+        if len(records) == 1:
+            clusters.append(sorted(records[0][1]))
+        elif records:
+            same = {id(structure): indices for structure, indices in records}
+            for group in matcher.group_structures([structure for structure, _ in records]):
+                clusters.append(sorted(j for s in group for j in same[id(s)]))
     return clusters
 
 
@@ -140,27 +213,24 @@ def collapse_duplicates(
 ) -> tuple[pd.DataFrame, dict[int, int]]:
     """Keep one entry per crystal of a data set; returns the frame and ``{dropped: kept}``.
 
-    The kept entry is a published test entry when the crystal has one (all of them when it
-    has several: published test ids are never dropped), else an entry of a published subset,
-    else the lowest id. The kept entry keeps its own target (no averaging: published test
-    targets must stay as published).
+    The kept entry follows the one duplicate policy (:func:`tlmat.data.keeper_order`): a
+    published test entry when the crystal has one (all of them when it has several:
+    published test ids are never dropped), else an entry of a published subset, else the
+    lowest id. Twins of a test entry leave the data set. The kept entry keeps its own
+    target (no averaging: published test targets must stay as published).
     """
     labels = crystal_labels(list(frame["structure"]))
-    test, subset = {int(i) for i in test_ids}, {int(i) for i in subset_ids}
-    aliases: dict[int, int] = {}
     clusters: dict[int, list[int]] = defaultdict(list)
     for index, label in zip(frame.index, labels, strict=True):
         clusters[int(label)].append(int(index))
-    for members in clusters.values():
-        if len(members) < 2:
-            continue
-        ranked = sorted(members, key=lambda i: (i not in test, i not in subset, i))
-        kept = ranked[0]
-        aliases.update({i: kept for i in ranked[1:] if i not in test})
+    aliases = resolve_duplicates(clusters.values(), test_ids, subset_ids)
+    counts = duplicate_counts(aliases, test_ids)
     log.info(
-        "%s: %d entries are the same crystal as another entry of the data set; collapsed",
+        "%s: %d entries are the same crystal as another entry of the data set; collapsed "
+        "(%d of them twins of a published test entry)",
         key,
-        len(aliases),
+        counts["n_duplicates_dropped"],
+        counts["n_test_twins_dropped"],
     )
     return frame.drop(index=list(aliases)), aliases
 
@@ -190,21 +260,39 @@ def remap_subsets(trials: Mapping, aliases: Mapping[int, int], test_ids: Sequenc
     return remapped
 
 
+def published_ids(published: Mapping | None) -> tuple[list[int], list[int]]:
+    """(test ids, ids of every trial subset) of a data set's splits-file entry."""
+    published = published or {}
+    test = [int(i) for i in published.get("test", [])]
+    trials = published.get("trials", {})
+    return test, [int(i) for sizes in trials.values() for ids in sizes.values() for i in ids]
+
+
 def dedupe_prepared(
-    frame: pd.DataFrame, key: str, published: Mapping | None
-) -> tuple[pd.DataFrame, Mapping | None]:
+    frame: pd.DataFrame,
+    key: str,
+    published: Mapping | None,
+    earlier: Mapping[int, int] | None = None,
+) -> tuple[pd.DataFrame, Mapping | None, dict[int, int]]:
     """Collapse a data set's duplicate crystals before splitting; keep published splits valid.
 
     Called by ``tlmat prepare`` between cleaning and splitting. Published test ids present in
-    the frame are preferred as the kept entry; published trial subsets are remapped.
+    the frame are always the entry kept; published trial subsets are remapped with every
+    duplicate step's aliases (``earlier``: cleaning's exact duplicates). Returns the frame,
+    the published entry and ``{dropped id: kept id}`` of both steps.
     """
-    test = [int(i) for i in (published or {}).get("test", []) if int(i) in frame.index]
-    trials = (published or {}).get("trials", {})
-    in_subsets = [int(i) for sizes in trials.values() for ids in sizes.values() for i in ids]
-    frame, aliases = collapse_duplicates(frame, key, test, in_subsets)
+    test, in_subsets = published_ids(published)
+    test = [i for i in test if i in frame.index]
+    frame, collapsed = collapse_duplicates(frame, key, test, in_subsets)
+    aliases = {
+        int(dropped): collapsed.get(int(kept), int(kept))
+        for dropped, kept in (earlier or {}).items()
+    }
+    aliases.update(collapsed)
     if published is None or not aliases:
-        return frame, published
-    return frame, {**published, "trials": remap_subsets(trials, aliases, test)}
+        return frame, published, aliases
+    trials = published.get("trials", {})
+    return frame, {**published, "trials": remap_subsets(trials, aliases, test)}, aliases
 
 
 # ----------------------------------------------------------------------------- overlap

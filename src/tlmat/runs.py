@@ -36,6 +36,7 @@ from tlmat.data import (
     DataError,
     DatasetSpec,
     clean,
+    duplicate_counts,
     load_dataset,
     make_splits,
     read_frame,
@@ -47,7 +48,14 @@ from tlmat.data import (
 )
 from tlmat.files import atomic_files, atomic_write_text
 from tlmat.graphs import GraphCache, featurize
-from tlmat.leakage import Overlap, dedupe_prepared, find_overlap, load_overlap, write_overlap
+from tlmat.leakage import (
+    Overlap,
+    dedupe_prepared,
+    find_overlap,
+    load_overlap,
+    published_ids,
+    write_overlap,
+)
 from tlmat.metrics import regression_metrics
 from tlmat.models import ModelConfig, build_model
 from tlmat.plan import RUN_FILES, Layout
@@ -75,10 +83,21 @@ def featurizer_settings(config: Mapping) -> FeaturizerSettings:
 def prepare_dataset(config: Mapping, key: str, frame_out: Path, splits_out: Path) -> None:
     """Load, clean and split one data set; writes the cleaned frame and its splits."""
     spec = DatasetSpec.from_config(config, key)
-    frame, _ = clean(load_dataset(spec, config.get("data_dir")), key, spec.drop_bad_records)
     published = read_published_splits(config.get("splits_file"), key)
-    frame, published = dedupe_prepared(frame, key, published)
+    test, in_subsets = published_ids(published)
+    exact: dict[int, int] = {}
+    raw = load_dataset(spec, config.get("data_dir"))
+    frame, _ = clean(raw, key, spec.drop_bad_records, test, in_subsets, aliases=exact)
+    frame, published, aliases = dedupe_prepared(frame, key, published, exact)
     splits = make_splits(frame.index, key, config["seed"], config["test_fraction"], published)
+    # one duplicate policy (tlmat.data.keeper_order): what it dropped goes on record
+    splits.update(duplicate_counts(aliases, splits["test"]))
+    log.info(
+        "%s: %d duplicates dropped, %d of them twins of a test entry",
+        key,
+        splits["n_duplicates_dropped"],
+        splits["n_test_twins_dropped"],
+    )
     write_frame(frame, frame_out)
     atomic_write_text(splits_out, json.dumps(splits, indent=1))
     log.info(
