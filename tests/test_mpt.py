@@ -178,7 +178,9 @@ def test_mpt_pretraining_merges_shared_crystals_and_keeps_test_crystals_out(mpt_
     inputs = runs.ensure_inputs(mpt_config, ["aa", "bb"], overlap=True)
     overlap = load_overlap(inputs.overlap)
     out = Path(mpt_config["resources_dir"]).parent / "mpt"
-    metrics = execute_mpt(mpt_config, MPTSpec("all", 100, 1, out, "mpt/all-100/pt/t1"), inputs)
+    metrics = execute_mpt(
+        mpt_config, MPTSpec("all", 100, 1, out, "mpt/all-100/pt/t1"), inputs=inputs
+    )
 
     assert metrics["kind"] == "mpt" and metrics["dataset"] == "mpt_all"
     assert metrics["sources"] == ["aa", "bb"]

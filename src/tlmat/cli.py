@@ -211,7 +211,7 @@ def _dispatch(args: argparse.Namespace) -> None:
             resume=args.resume,
         )
         inputs = _run_inputs(config, args, [args.dataset], runs.needs_overlap(config, args.kind))
-        metrics = runs.execute_run(config, spec, inputs, progress=args.progress)
+        metrics = runs.execute_run(config, spec, args.progress, inputs=inputs)
         logging.getLogger("tlmat").info(
             "%s: test R2 %.4f, MAE %.4g (best epoch %d of %d)",
             spec.run_id,
@@ -228,7 +228,7 @@ def _dispatch(args: argparse.Namespace) -> None:
             args.variant, args.size, args.trial, args.out, args.run_id or str(args.out), args.resume
         )
         inputs = _run_inputs(config, args, variant_sources(config, args.variant), True)
-        metrics = execute_mpt(config, spec, inputs, progress=args.progress)
+        metrics = execute_mpt(config, spec, args.progress, inputs=inputs)
         logging.getLogger("tlmat").info(
             "%s: mean test R2 over %d heads %.4f",
             spec.run_id,

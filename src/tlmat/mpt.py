@@ -141,8 +141,9 @@ class MPTSpec:
 def execute_mpt(
     config: Mapping,
     spec: MPTSpec,
-    inputs: runs.RunInputs | None = None,
     progress: bool | None = None,
+    *,
+    inputs: runs.RunInputs | None = None,
 ) -> dict:
     """Pre-train one backbone with a head per source; write the usual four run files.
     Without ``inputs`` (standalone use) they are built first when missing or stale."""

@@ -389,7 +389,11 @@ def needs_overlap(config: Mapping, kind: str) -> bool:
 
 
 def execute_run(
-    config: Mapping, spec: RunSpec, inputs: RunInputs | None = None, progress: bool | None = None
+    config: Mapping,
+    spec: RunSpec,
+    progress: bool | None = None,
+    *,
+    inputs: RunInputs | None = None,
 ) -> dict:
     """Train one run on ``inputs`` and write model.pt, predictions.csv, history.csv and
     metrics.json. Without ``inputs`` (standalone use) they are built first when missing or
