@@ -53,9 +53,17 @@ def pairwise_study(keys: list[str], trials: int) -> dict:
             "ft_sizes": [20],
             "pt_size": 30,
             "ood_targets": [],
-            "families": dict.fromkeys(
-                ["pt_size_sweep", "strategies", "learning_rate", "mpt", "chains"], False
-            ),
+            "families": {
+                family: False
+                for family in (
+                    "pt_size_sweep",
+                    "strategies",
+                    "unfrozen_layers",
+                    "learning_rate",
+                    "mpt",
+                    "chains",
+                )
+            },
         },
     }
 

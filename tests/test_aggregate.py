@@ -29,6 +29,7 @@ from tlmat.report.tables import (
     scratch_table,
     strategies,
     summarize_with_gain,
+    unfrozen_layers,
     write_tables,
 )
 
@@ -398,6 +399,27 @@ def test_strategies_table(runs: pd.DataFrame) -> None:
     assert row(table, pt_dataset="fe", size=800, strategy="full")["n"] == 3
 
 
+def test_unfrozen_layers_table(tmp_path: Path) -> None:
+    records = hand_made_study() + [
+        finetune("fe", "dc", 800, t, 0.7, mae, strategy=f"freeze_before:{n}")
+        for n, maes in ((1, (0.5, 1.0)), (7, (1.5, 2.0)))
+        for t, mae in zip((1, 2), maes, strict=True)
+    ]
+    for record in records:  # the plan's run-id tag: freeze_before1
+        record["run_id"] = record["run_id"].replace(":", "")
+    runs = collect_runs([write_run(tmp_path, r) for r in records])
+    table = unfrozen_layers(runs, DEFAULTS)
+    assert list(table.columns) == list(TABLE_COLUMNS["unfrozen_layers"])
+    assert sorted(table["freeze_before"]) == [1, 7]
+    assert sorted(table["unfrozen_children"]) == [1, 7]
+    first = row(table, freeze_before=1)
+    assert first["n"] == 2 and first["mae_mean"] == pytest.approx(0.75)
+    assert first["gain_mae"] == pytest.approx((2.0 - 0.75) / 2.0 * 100)  # scratch MAE 1, 2, 3
+    # the strategy table keeps the paper's strategies only
+    assert not set(strategies(runs, DEFAULTS)["strategy"]) & {"freeze_before:1", "freeze_before:7"}
+    assert unfrozen_layers(collect_runs([]), DEFAULTS).empty
+
+
 def test_learning_rate_table(runs: pd.DataFrame) -> None:
     table = learning_rate(runs, DEFAULTS)
     assert sorted(table.loc[(table["pt_dataset"] == "fe") & (table["size"] == 800), "lr"]) == [
@@ -465,7 +487,9 @@ def test_write_tables_writes_every_file(study: list[Path], tmp_path: Path) -> No
         "ft_size_sweep.csv",
         "pt_size_sweep.csv",
         "strategies.csv",
+        "unfrozen_layers.csv",
         "learning_rate.csv",
+        "sampling.csv",
         "mpt.csv",
         "chains.csv",
         "headline.csv",

@@ -48,7 +48,7 @@ def test_train_and_finetune_from_the_command_line(workspace):
         "--checkpoint",
         "runs/pt/model.pt",
         "--strategy",
-        "freeze_graph",
+        "freeze_before:5",
         "--lr",
         "0.0005",
         "--run-id",
@@ -57,7 +57,7 @@ def test_train_and_finetune_from_the_command_line(workspace):
     assert code == 0
     metrics = json.loads((workspace / "runs/ft/metrics.json").read_text())
     assert (metrics["strategy"], metrics["lr"], metrics["pt_dataset"]) == (
-        "freeze_graph",
+        "freeze_before:5",
         0.0005,
         "aa",
     )

@@ -30,11 +30,18 @@ def test_full_study_runs_per_family():
     # FE/BG at 5 PT sizes (941 shared with the grid) x 6 targets at FT 800 x 5 trials
     assert counts["pt_size_sweep"] == (10 + 300, 10 + 300)
     assert counts["strategies"] == (3 + 500, 400)  # 3 sources; the `full` runs are the grid's
-    assert counts["learning_rate"] == (2 + 40, 30)  # the default rate is the grid's
-    assert counts["mpt"] == (8 + 1600, 8 + 1600)
+    # 4 pairs x freeze_before:1..7 x 5 sizes x 5 trials; the PT models are the grid's
+    assert counts["unfrozen_layers"] == (3 + 700, 700)
+    # 5 pairs x 3 strategies x 4 rates at FT 500 x 5 trials; `full` at 1e-3 is the grid's and
+    # `new_head_freeze` at 1e-3 on the 4 strategy pairs the strategy study's
+    assert counts["learning_rate"] == (4 + 300, 300 - 25 - 20)
+    # 4 pairs x random/stratified at FT 500, lr 1e-4 x 5 trials; random is the lr study's
+    assert counts["sampling"] == (3 + 40, 20)
+    # 8 models; X only from without_X, JARVIS 2D only from all: 8 targets x 5 sizes x 5 trials
+    assert counts["mpt"] == (8 + 200, 8 + 200)
     assert counts["chains"] == (2 + 15, 15)  # the FE and BG PT models are the sweep's
     kinds = {kind: len(plan.of_kind(kind)) for kind in ("pretrain", "finetune", "chain")}
-    assert kinds == {"pretrain": 17, "finetune": 1225 + 300 + 400 + 30, "chain": 15}
+    assert kinds == {"pretrain": 17, "finetune": 1225 + 300 + 400 + 700 + 255 + 20, "chain": 15}
 
 
 def test_quick_study_runs_per_family():
@@ -47,12 +54,14 @@ def test_quick_study_runs_per_family():
         "scratch": 14,
         "pairwise": 7 + 84,
         "pt_size_sweep": 2 + 12,
-        "strategies": 16,
-        "learning_rate": 4,
-        "mpt": 3 + 21,
+        "strategies": 12,  # 4 pairs x 4 strategies (no 3-body on CGCNN), `full` the grid's
+        "unfrozen_layers": 3,  # BG -> DC at FT 100, freeze_before:1, 4, 7
+        "learning_rate": 8,  # 2 pairs x 3 rates x 2 strategies, 1e-3 the grid's and strategies'
+        "sampling": 1,  # BG -> DC at FT 100, stratified; the random run is the grid's
+        "mpt": 2 + 2,  # without_dc -> dc, without_ebg -> ebg; `all` has no OOD target here
         "chains": 3,
     }
-    assert len(plan.runs) == 166
+    assert len(plan.runs) == 169
 
 
 def test_runs_know_their_inputs_and_groups(tmp_path):
@@ -73,11 +82,21 @@ def test_runs_know_their_inputs_and_groups(tmp_path):
     inputs = plan.inputs(ft.id)
     assert inputs["checkpoint"] == str(layout.runs / "pt/bg-941/t1/model.pt")
     assert inputs["graphs"] == [str(layout.graphs("dc"))] and "overlap" not in inputs
-    assert "overlap" in plan.inputs("pt/bg-941/t1")  # PT excludes other sets' test crystals
+    # as in the paper, PT keeps other sets' test crystals; the clean preset excludes them
+    assert "overlap" not in plan.inputs("pt/bg-941/t1")
+    clean = build_plan(_config("config.yaml", "presets/quick.yaml", "presets/clean.yaml"))
+    assert "overlap" in clean.inputs("pt/bg-941/t1")
     mpt = plan["mpt/without_dc-300/pt/t1"]
     assert "dc" not in mpt.sources and len(plan.inputs(mpt.id)["graphs"]) == 6
     # a leave-one-out model has no head for the left-out target: full -> new_head
     assert "mpt/without_dc-300/ft-dc-100/new_head-lr0.001/t1" in plan.runs
+    # never fine-tuned on a target whose labels it pre-trained on, nor on another's target
+    mpt_fts = [run for run in plan.runs.values() if run.kind == "mpt_finetune"]
+    assert all(run.dataset not in plan[run.checkpoint].sources for run in mpt_fts)
+    assert {(plan[r.checkpoint].variant, r.dataset) for r in mpt_fts} == {
+        ("without_dc", "dc"),
+        ("without_ebg", "ebg"),
+    }
     stage3 = plan["chain/fe-941.bg-2000.ebg-100/t1"]
     assert (
         stage3.checkpoint == "chain/fe-941.bg-2000/t1"
@@ -125,6 +144,11 @@ def test_prepared_files_are_named_by_what_they_depend_on(tmp_path):
             "shared with another chain that uses another strategy",
         ),
         ("study.ood_targets=[fe]", "must be marked target_only: true"),
+        (
+            "study.unfrozen_layers.pairs=[[jarvis2d, fe]]",
+            r"study.unfrozen_layers.pairs uses target-only data set",
+        ),
+        ("model.arch=cgcnn", "study.strategies.names has unfreeze_3body, but a cgcnn model"),
     ],
 )
 def test_config_errors_are_one_line(override, message):
@@ -132,6 +156,16 @@ def test_config_errors_are_one_line(override, message):
     with pytest.raises(ValueError, match=message) as err:
         build_plan(config)
     assert "\n" not in str(err.value)
+
+
+def test_unfrozen_layers_run_ids_fit_the_finetune_rule():
+    plan = build_plan(_config("config.yaml", "presets/quick.yaml", overrides=OFFLINE))
+    runs = [plan[i] for i in plan.requested["unfrozen_layers"] if i.startswith("ft/")]
+    assert [r.strategy for r in runs] == ["freeze_before:1", "freeze_before:4", "freeze_before:7"]
+    assert [r.id for r in runs][1] == "ft/pt-bg-941/ft-dc-100/freeze_before4-lr0.001/t1"
+    rule = (ROOT / "workflow" / "rules" / "train.smk").read_text()
+    pattern = re.search(r'rule finetune:.*?run=r"([^"]+)"', rule, re.S).group(1)
+    assert all(re.fullmatch(pattern, r.id) and ":" not in r.id for r in runs)
 
 
 def _marked_table(text: str, name: str) -> str:

@@ -33,6 +33,7 @@ DRAWN = (
     "r2_vs_ft_size",
     "r2_vs_pt_size",
     "strategies",
+    "unfrozen_layers",
     "learning_rate",
     "learning_curves",
     "parity",
@@ -86,10 +87,10 @@ def _write_run(root: Path, rng: np.random.Generator, **fields: object) -> Path:
 
 
 def _ft(pt: str, target: str, size: int, trial: int, pt_size: int = 941, **kw: object) -> dict:
-    strategy = kw.get("strategy", "full")
-    lr = kw.get("lr", 1e-3)
+    strategy = str(kw.get("strategy", "full"))
+    lr, tag = kw.get("lr", 1e-3), strategy.replace(":", "")  # the plan's tag: freeze_before4
     return {
-        "run_id": f"ft/pt-{pt}-{pt_size}/ft-{target}-{size}/{strategy}-lr{lr}/t{trial}",
+        "run_id": f"ft/pt-{pt}-{pt_size}/ft-{target}-{size}/{tag}-lr{lr}/t{trial}",
         "kind": "finetune",
         "dataset": target,
         "size": size,
@@ -125,6 +126,8 @@ def synthetic_study(root: Path) -> list[Path]:
         specs += [_ft("fe", "dc", 800, trial, strategy=strategy) for trial in trials]
     for lr in (1e-4, 1e-2):
         specs += [_ft("bg", "pz", 800, trial, lr=lr) for trial in trials]
+    for n in (1, 4, 7):
+        specs += [_ft("fe", "dc", 800, t, strategy=f"freeze_before:{n}") for t in trials]
     specs.append(
         {"run_id": "pt/fe-941/t1", "kind": "pretrain", "dataset": "fe", "size": 941, "trial": 1}
     )

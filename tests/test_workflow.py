@@ -27,6 +27,7 @@ TINY_STUDY = {
         "pt_size": 30,
         "pt_size_sweep": {"sources": ["aa"], "sizes": [20, 30], "ft_size": 20},
         "strategies": {"pairs": [["aa", "bb"]], "names": ["full", "last_layer", "new_head"]},
+        "unfrozen_layers": {"pairs": [["aa", "bb"]], "freeze_before": [2, 7]},
         "learning_rate": {"pairs": [["bb", "cc"]], "lrs": [0.0005, 0.001], "ft_size": 20},
         "mpt": {"variants": ["all", "without_aa"], "targets": ["aa", "bb", OOD], "pt_size": 20},
         "ood_targets": [OOD],
@@ -88,6 +89,8 @@ def test_tables_cover_the_whole_grid(study):
     assert grid["gain_mae"].notna().all() and grid["p_mae_paired_t"].notna().any()
     strategies = pd.read_csv(tables / "strategies.csv")
     assert set(strategies["strategy"]) == {"full", "last_layer", "new_head"}
+    unfrozen = pd.read_csv(tables / "unfrozen_layers.csv")
+    assert sorted(unfrozen["freeze_before"]) == [2, 7] and (unfrozen["n"] == 2).all()
     assert set(pd.read_csv(tables / "pt_size_sweep.csv")["pt_size"]) == {20, 30}
     assert set(pd.read_csv(tables / "learning_rate.csv")["lr"]) == {0.0005, 0.001}
     assert "gain" in (tables / "summary.md").read_text().lower()
@@ -100,6 +103,7 @@ def test_tables_cover_the_whole_grid(study):
     figures = sorted(p.name for p in (study / "results" / "figures").iterdir())
     assert {"chains_cgcnn.png", "chain_curves_cgcnn.png", "mpt_cgcnn.png"} <= set(figures)
     assert "pairwise_r2_cgcnn.png" in figures and "parity_cgcnn.pdf" in figures
+    assert "unfrozen_layers_cgcnn.png" in figures
     assert all((study / "results" / "figures" / f).stat().st_size > 1000 for f in figures)
 
 

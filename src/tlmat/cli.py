@@ -107,14 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--checkpoint", type=Path, required=True, help="pre-trained model.pt")
     finetune.add_argument(
         "--strategy",
-        help="full | last_layer | freeze_graph | new_head | new_head_freeze "
-        "(default: finetune.strategy)",
+        help="full | last_layer | unfreeze_2body | unfreeze_3body | new_head | new_head_freeze "
+        "| freeze_before:N, N = 1..7 (default: finetune.strategy)",
     )
     finetune.add_argument(
         "--kind",
         choices=["finetune", "mpt_finetune", "chain"],
         default="finetune",
         help="recorded in metrics.json: from a pair-wise PT model, an MPT model, or a chain stage",
+    )
+    finetune.add_argument(
+        "--sampling",
+        choices=["random", "stratified"],
+        help="how the FT subset is drawn (default: finetune.sampling for --kind finetune)",
     )
 
     mpt = verbs.add_parser(
@@ -209,6 +214,7 @@ def _dispatch(args: argparse.Namespace) -> None:
             lr=args.lr,
             epochs=args.epochs,
             resume=args.resume,
+            sampling=getattr(args, "sampling", None),
         )
         inputs = _run_inputs(config, args, [args.dataset], runs.needs_overlap(config, args.kind))
         metrics = runs.execute_run(config, spec, args.progress, inputs=inputs)

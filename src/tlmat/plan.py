@@ -27,6 +27,9 @@ from tlmat.config import FeaturizerSettings, finetune_lr, finetune_strategy
 
 RUN_FILES = ("model.pt", "predictions.csv", "history.csv", "metrics.json")
 """What every training run writes into its directory (``metrics.json`` last)."""
+SUBSET_IDS = "subset_ids.json"
+"""The train + val ids of a run, written before training beside :data:`RUN_FILES` (not a
+declared output: a run is finished when its run files are)."""
 
 KINDS = ("scratch", "pretrain", "finetune", "mpt", "mpt_finetune", "chain")
 FAMILIES = (
@@ -34,15 +37,20 @@ FAMILIES = (
     "pairwise",
     "pt_size_sweep",
     "strategies",
+    "unfrozen_layers",
     "learning_rate",
+    "sampling",
     "mpt",
     "chains",
 )
+RANDOM = "random"  # the sampling of published subsets (tlmat.data.SAMPLING_METHODS)
 MPT_ALL = "all"
 MPT_WITHOUT = "without_"
-# head-reusing strategies on a target the MPT model has no head for (leave-one-out)
-MPT_FRESH_HEAD = {"full": "new_head", "freeze_graph": "new_head_freeze"}
-HEAD_REUSING = ("full", "freeze_graph", "last_layer")
+# strategies that attach a fresh head (tlmat.transfer.FRESH_HEAD); every other one reuses one
+FRESH_HEAD = ("new_head", "new_head_freeze")
+# head-reusing strategies on a target the MPT model has no head for (leave-one-out): full
+# runs as new_head; the others have no fresh-head twin and are skipped
+MPT_FRESH_HEAD = {"full": "new_head"}
 
 
 # ----------------------------------------------------------------------------- config views
@@ -164,9 +172,14 @@ def variant_name(variant: str) -> str:
 def mpt_strategy(config: Mapping, variant: str, target: str, strategy: str) -> str | None:
     """The strategy an MPT fine-tune runs: its fresh-head twin when the model lacks the
     target's head (None: no such twin, the run is skipped)."""
-    if target in variant_sources(config, variant) or strategy not in HEAD_REUSING:
+    if target in variant_sources(config, variant) or strategy in FRESH_HEAD:
         return strategy
     return MPT_FRESH_HEAD.get(strategy)
+
+
+def finetune_sampling(config: Mapping) -> str:
+    """How plain fine-tunes draw their subsets (``finetune.sampling``; random by default)."""
+    return config.get("finetune", {}).get("sampling", RANDOM)
 
 
 def study_datasets(config: Mapping) -> list[str]:
@@ -176,9 +189,11 @@ def study_datasets(config: Mapping) -> list[str]:
     keys = list(study["datasets"])
     if families.get("pt_size_sweep"):
         keys += study["pt_size_sweep"]["sources"]
-    for family in ("strategies", "learning_rate"):
+    for family in ("strategies", "unfrozen_layers", "learning_rate"):
         if families.get(family):
             keys += [ds for pair in study[family]["pairs"] for ds in pair]
+    if families.get("sampling"):
+        keys += [ds for pair in study["sampling"]["pairs"] for ds in pair]
     if families.get("mpt"):
         keys += (study["mpt"].get("sources") or []) + (study["mpt"].get("targets") or [])
     if families.get("chains"):
@@ -304,6 +319,12 @@ def lr_tag(lr: float | str) -> str:
     return f"{float(lr):g}"
 
 
+def strategy_tag(strategy: str) -> str:
+    """Strategy as written in run ids and paths: ``freeze_before:4`` -> ``freeze_before4``
+    (no ':' in file names); the named strategies are their own tag."""
+    return strategy.replace(":", "")
+
+
 def stage_tag(stage: str) -> str:
     """ "fe:941" -> "fe-941", "ext:alignn" -> "ext_alignn" (the parts of a chain run id)."""
     key, value = stage.split(":")
@@ -326,6 +347,7 @@ class Run:
     sources: tuple[str, ...] = ()  # MPT pre-training: the data sets (heads), in order
     variant: str | None = None  # MPT pre-training: all | without_<key>
     group: str | None = None  # cluster group (one sbatch job per PT model and its FTs)
+    sampling: str = "random"  # fine-tunes: how the subset is drawn (tlmat.data.subset_ids)
 
     @property
     def datasets(self) -> tuple[str, ...]:
@@ -357,7 +379,7 @@ def finetune_run(
     src: str, pt_size: int, ds: str, size: int, strategy: str, lr: float, trial: int, pt_trial: int
 ) -> Run:
     return Run(
-        f"ft/pt-{src}-{pt_size}/ft-{ds}-{size}/{strategy}-lr{lr_tag(lr)}/t{trial}",
+        f"ft/pt-{src}-{pt_size}/ft-{ds}-{size}/{strategy_tag(strategy)}-lr{lr_tag(lr)}/t{trial}",
         "finetune",
         ds,
         size,
@@ -367,6 +389,15 @@ def finetune_run(
         checkpoint=f"pt/{src}-{pt_size}/t{pt_trial}",
         group=pt_group(src, pt_size, pt_trial),
     )
+
+
+def sampled(run: Run, sampling: str) -> Run:
+    """A fine-tune drawing its subset with ``sampling``: ``-<sampling>`` joins the id's
+    strategy-lr part (``full-lr0.0001-stratified``); random keeps today's ids."""
+    if sampling == RANDOM:
+        return run
+    head, trial = run.id.rsplit("/", 1)
+    return dataclasses.replace(run, id=f"{head}-{sampling}/{trial}", sampling=sampling)
 
 
 def mpt_run(config: Mapping, variant: str, pt_size: int, trial: int) -> Run:
@@ -385,7 +416,7 @@ def mpt_finetune_run(
     variant: str, pt_size: int, ds: str, size: int, strategy: str, lr: float, trial: int, pt_trial
 ) -> Run:
     return Run(
-        f"mpt/{variant}-{pt_size}/ft-{ds}-{size}/{strategy}-lr{lr_tag(lr)}/t{trial}",
+        f"mpt/{variant}-{pt_size}/ft-{ds}-{size}/{strategy_tag(strategy)}-lr{lr_tag(lr)}/t{trial}",
         "mpt_finetune",
         ds,
         size,
@@ -486,8 +517,12 @@ def build_plan(config: Mapping) -> Plan:
         finetunes += _add(plan, "pt_size_sweep", _pt_size_sweep(config))
     if families["strategies"]:
         finetunes += _add(plan, "strategies", _strategies(config))
+    if families["unfrozen_layers"]:
+        finetunes += _add(plan, "unfrozen_layers", _unfrozen_layers(config))
     if families["learning_rate"]:
         finetunes += _add(plan, "learning_rate", _learning_rates(config))
+    if families.get("sampling"):
+        finetunes += _add(plan, "sampling", _sampling(config))
     mpt_finetunes = _add(plan, "mpt", _mpt(plan, config, ood)) if families["mpt"] else []
     chain_stages = _add(plan, "chains", _chains(config)) if families["chains"] else []
     finals = {
@@ -525,7 +560,8 @@ def _with_pretrains(config: Mapping, runs: Iterable[tuple]) -> list[Run]:
     for src, pt_size, ds, size, strategy, lr, trial in runs:
         first = pt_trial(config, trial)
         out.append(pretrain_run(src, pt_size, first))
-        out.append(finetune_run(src, pt_size, ds, size, strategy, lr, trial, first))
+        run = finetune_run(src, pt_size, ds, size, strategy, lr, trial, first)
+        out.append(sampled(run, finetune_sampling(config)))
     return out
 
 
@@ -577,21 +613,63 @@ def _strategies(config: Mapping) -> list[Run]:
     )
 
 
+def _unfrozen_layers(config: Mapping) -> list[Run]:
+    """Every pair x ``freeze_before:N`` x FT size x trial (the paper's children before N
+    frozen), at the default PT size and fine-tune learning rate."""
+    study, lr = config["study"], finetune_lr(config)
+    family = study["unfrozen_layers"]
+    return _with_pretrains(
+        config,
+        (
+            (src, study["pt_size"], ds, size, f"freeze_before:{n}", lr, t)
+            for src, ds in family["pairs"]
+            for n in family["freeze_before"]
+            for size in family["ft_sizes"] or study["ft_sizes"]
+            for t in _trials(config)
+        ),
+    )
+
+
 def _learning_rates(config: Mapping) -> list[Run]:
-    study, strategy = config["study"], finetune_strategy(config)
+    """Every pair x learning rate x strategy (``study.learning_rate.strategies``) at the
+    family's FT size."""
+    study = config["study"]
     family = study["learning_rate"]
     return _with_pretrains(
         config,
         (
             (src, study["pt_size"], ds, family["ft_size"], strategy, lr, t)
             for src, ds in family["pairs"]
+            for strategy in family["strategies"]
             for lr in family["lrs"]
             for t in _trials(config)
         ),
     )
 
 
+def _sampling(config: Mapping) -> list[Run]:
+    """Every pair x sampling method x trial at the family's FT size and learning rate, with
+    the default strategy and PT size (random runs keep the ids they would have anyway)."""
+    study, strategy = config["study"], finetune_strategy(config)
+    family = study["sampling"]
+    lr = family["lr"] if family["lr"] is not None else finetune_lr(config)
+    pt_size, size = study["pt_size"], family["ft_size"]
+    runs = []
+    for src, ds in family["pairs"]:
+        for method in family["methods"]:
+            for t in _trials(config):
+                first = pt_trial(config, t)
+                runs.append(pretrain_run(src, pt_size, first))
+                run = finetune_run(src, pt_size, ds, size, strategy, lr, t, first)
+                runs.append(sampled(run, method))
+    return runs
+
+
 def _mpt(plan: Plan, config: Mapping, ood: list[str]) -> list[Run]:
+    """MPT models and their fine-tunes. A target is fine-tuned only from the models that
+    never saw its labels: an in-study target X only from ``without_X`` (the paper's model
+    of the six other properties), out-of-domain targets only from ``all``. A pair whose
+    target the model pre-trained on would be no transfer at all, and is never planned."""
     study, lr = config["study"], finetune_lr(config)
     family = study["mpt"]
     targets = family["targets"] or [*study["datasets"], *ood]
@@ -600,7 +678,13 @@ def _mpt(plan: Plan, config: Mapping, ood: list[str]) -> list[Run]:
     pt_size = family["pt_size"] or study["pt_size"]
     runs = []
     for variant in mpt_variants(config):
+        seen = variant_sources(config, variant)
+        left_out = variant.removeprefix(MPT_WITHOUT) if variant != MPT_ALL else None
         for ds in targets:
+            if ds in seen:  # not transfer: the model pre-trained on this target's labels
+                continue
+            if left_out is not None and ds != left_out:  # OOD targets: the `all` model's
+                continue
             for requested in family["strategies"]:
                 strategy = mpt_strategy(config, variant, ds, requested)
                 if strategy is None:
@@ -671,13 +755,43 @@ def _check_study(config: Mapping) -> None:
     study = config["study"]
     check_keys(config, "study.datasets", study["datasets"])
     check_sources(config, "study.pt_size_sweep.sources", study["pt_size_sweep"]["sources"])
-    for family in ("strategies", "learning_rate"):
+    for family in ("strategies", "unfrozen_layers", "learning_rate"):
         for pair in study[family]["pairs"]:
             check_keys(config, f"study.{family}.pairs", pair)
             if pair[0] == pair[1]:
                 raise ValueError(f"config: study.{family}.pairs has {pair}: source == target")
         check_sources(config, f"study.{family}.pairs", [p[0] for p in study[family]["pairs"]])
     check_sources(config, "study.mpt.sources", study["mpt"]["sources"] or [])
+    for pair in study.get("sampling", {}).get("pairs", []):
+        check_sources(config, "study.sampling.pairs", pair[:1])
+        check_keys(config, "study.sampling.pairs", pair)
+        if pair[0] == pair[1]:
+            raise ValueError(f"config: study.sampling.pairs has {pair}: source == target")
+    _check_strategies(config)
+
+
+def _check_strategies(config: Mapping) -> None:
+    """Refuse unfreeze_3body on a model without line-graph convolutions before any job runs
+    (CGCNN, or ALIGNN with alignn_layers: 0); tlmat.transfer would refuse each run."""
+    model = config["model"]
+    if model["arch"] == "alignn" and model["alignn_layers"] > 0:
+        return
+    study, families = config["study"], config["study"]["families"]
+    used = {
+        "finetune.strategy": [config["finetune"]["strategy"]],
+        "study.strategies.names": study["strategies"]["names"] if families["strategies"] else [],
+        "study.learning_rate.strategies": (
+            study["learning_rate"].get("strategies", []) if families["learning_rate"] else []
+        ),
+        "study.mpt.strategies": study["mpt"]["strategies"] if families["mpt"] else [],
+        "study.chains": [c["strategy"] for c in study["chains"]] if families["chains"] else [],
+    }
+    for where, names in used.items():
+        if "unfreeze_3body" in names:
+            raise ValueError(
+                f"config: {where} has unfreeze_3body, but a {model['arch']} model without "
+                "ALIGNN layers has no line-graph (3-body) convolutions; remove it"
+            )
 
 
 # ----------------------------------------------------------------------------- resolved config

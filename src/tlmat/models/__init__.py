@@ -2,8 +2,10 @@
 
 The split is the one the transfer-learning strategies need: ``backbone.embedding`` (input
 networks), ``backbone.graph_layers`` (message passing), ``backbone.readout`` (MLP after
-pooling) and ``heads`` (one ``Linear(hidden, 1)`` per target). Fine-tuning code freezes,
-resets or replaces these by their dotted names; ``TLModel.frozen`` keeps BatchNorm statistics
+pooling; none by default, as in the original ALIGNN) and ``heads`` (one ``Linear(hidden, 1)``
+per target, or the paper's two-layer new prediction head, see ``ModelConfig.mlp_heads``).
+Fine-tuning code freezes, resets or replaces these by their dotted names (``tlmat.transfer``
+maps them to the paper's seven ALIGNN children); ``TLModel.frozen`` keeps BatchNorm statistics
 of frozen parts fixed, which ``requires_grad=False`` alone would not.
 """
 
@@ -20,17 +22,21 @@ from tlmat.models.alignn import ALIGNNBackbone
 from tlmat.models.cgcnn import CGCNNBackbone
 
 ARCHS = ("alignn", "cgcnn")
+#: width of the paper's new prediction head: Linear(hidden, 64) -> Linear(64, 1)
+NEW_HEAD_HIDDEN = 64
 
 __all__ = ["ARCHS", "ModelConfig", "TLModel", "build_model"]
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture hyper-parameters; defaults are the paper's ALIGNN (~4.1 M parameters).
+    """Architecture hyper-parameters; defaults are the paper's ALIGNN (4.03 M parameters).
 
     ``edge_features`` / ``angle_features`` / ``cutoff`` are the RBF expansions of bond length
     on ``[0, cutoff]`` and of bond-angle cosine on ``[-1, 1]``; they must agree with the
-    featurizer's cutoff for the bond lengths to cover the basis.
+    featurizer's cutoff for the bond lengths to cover the basis. ``mlp_heads`` names the heads
+    built as the paper's new prediction head ``Linear(hidden, 64) -> Linear(64, 1)`` (what
+    ``new_head`` and ``new_head_freeze`` attach); the other heads are ``Linear(hidden, 1)``.
     """
 
     arch: str = "alignn"
@@ -38,20 +44,25 @@ class ModelConfig:
     embedding: int = 64
     alignn_layers: int = 4
     gcn_layers: int = 4
-    readout_layers: int = 1
+    readout_layers: int = 0
     atom_features: int = 92
     edge_features: int = 80
     angle_features: int = 40
     cutoff: float = 8.0
     heads: tuple[str, ...] = ("target",)
+    mlp_heads: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise ValueError(f"model.arch: unknown architecture {self.arch!r}; known: {ARCHS}")
         # lists from YAML/JSON become tuples so the config stays hashable and comparable
         object.__setattr__(self, "heads", tuple(self.heads))
+        object.__setattr__(self, "mlp_heads", tuple(self.mlp_heads))
         for name in self.heads:
             _check_head_name(name)
+        stray = [name for name in self.mlp_heads if name not in self.heads]
+        if stray:
+            raise ValueError(f"model.mlp_heads: {stray} are not heads of {list(self.heads)}")
         if len(set(self.heads)) != len(self.heads):
             raise ValueError(f"model.heads: duplicate head names in {list(self.heads)}")
         for name in ("hidden", "embedding", "atom_features", "edge_features", "angle_features"):
@@ -67,6 +78,7 @@ class ModelConfig:
         """JSON/YAML-ready dict (heads as a list) that ``from_dict`` reads back."""
         values = dataclasses.asdict(self)
         values["heads"] = list(self.heads)
+        values["mlp_heads"] = list(self.mlp_heads)
         return values
 
     @classmethod
@@ -110,6 +122,14 @@ def _build_backbone(config: ModelConfig) -> nn.Module:
     raise ValueError(f"model.arch: unknown architecture {config.arch!r}; known: {ARCHS}")
 
 
+def make_head(hidden: int, mlp: bool = False) -> nn.Module:
+    """A scalar head: ``Linear(hidden, 1)``, or (``mlp``) the paper's new prediction head
+    ``Linear(hidden, 64) -> Linear(64, 1)``, two linear layers as the paper describes it."""
+    if not mlp:
+        return nn.Linear(hidden, 1)
+    return nn.Sequential(nn.Linear(hidden, NEW_HEAD_HIDDEN), nn.Linear(NEW_HEAD_HIDDEN, 1))
+
+
 class TLModel(nn.Module):
     """Backbone + named heads; ``forward`` returns one scalar per graph for each head.
 
@@ -123,7 +143,9 @@ class TLModel(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = _build_backbone(config)
-        self.heads = nn.ModuleDict({name: nn.Linear(config.hidden, 1) for name in config.heads})
+        self.heads = nn.ModuleDict(
+            {name: make_head(config.hidden, name in config.mlp_heads) for name in config.heads}
+        )
         self.frozen: set[str] = set()
 
     def embed(self, batch) -> torch.Tensor:
@@ -139,14 +161,19 @@ class TLModel(nn.Module):
         h = self.embed(batch)
         return {name: self.heads[name](h).view(-1) for name in names}
 
-    def add_head(self, name: str) -> None:
-        """Attach a freshly initialised ``Linear(hidden, 1)`` head and record it in the config."""
+    def add_head(self, name: str, mlp: bool = False) -> None:
+        """Attach a freshly initialised head and record it in the config: ``Linear(hidden, 1)``,
+        or with ``mlp`` the paper's new prediction head ``Linear(hidden, 64) -> Linear(64, 1)``."""
         _check_head_name(name)
         if name in self.heads:
             raise ValueError(f"head {name!r} already exists")
         ref = next(self.parameters())
-        self.heads[name] = nn.Linear(self.config.hidden, 1).to(device=ref.device, dtype=ref.dtype)
-        self.config = dataclasses.replace(self.config, heads=(*self.config.heads, name))
+        head = make_head(self.config.hidden, mlp).to(device=ref.device, dtype=ref.dtype)
+        self.heads[name] = head
+        mlp_heads = (*self.config.mlp_heads, name) if mlp else self.config.mlp_heads
+        self.config = dataclasses.replace(
+            self.config, heads=(*self.config.heads, name), mlp_heads=mlp_heads
+        )
 
     def train(self, mode: bool = True) -> TLModel:
         """Switch modes, then put every module named in ``frozen`` back into eval mode."""

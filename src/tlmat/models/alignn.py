@@ -212,7 +212,7 @@ class ALIGNNBackbone(nn.Module):
         embedding: int = 64,
         alignn_layers: int = 4,
         gcn_layers: int = 4,
-        readout_layers: int = 1,
+        readout_layers: int = 0,
         atom_features: int = 92,
         edge_features: int = 80,
         angle_features: int = 40,

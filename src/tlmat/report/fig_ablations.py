@@ -1,4 +1,4 @@
-"""Figures of the fine-tuning ablations: ``strategies`` (bars) and ``learning_rate`` (curves).
+"""Fine-tuning ablation figures: ``strategies`` (bars), ``learning_rate``, ``unfrozen_layers``.
 
 Both compare levels only within the cells where the level was varied
 (:func:`tlmat.report.cells.ablation_cells`), at the largest FT size of each PT → FT pair.
@@ -121,4 +121,30 @@ def plot_learning_rate(table: pd.DataFrame, meta: Meta, out_dir: Path, stem: str
     right.axhline(0.0, color=SCRATCH_COLOR, linewidth=1)
     legend_outside(fig, [left], "PT → FT pair", ncols=2)
     fig.suptitle("Effect of the fine-tuning learning rate (largest FT size per pair)")
+    return save_figure(fig, out_dir, stem)
+
+
+def plot_unfrozen_layers(table: pd.DataFrame, meta: Meta, out_dir: Path, stem: str) -> list[Path]:
+    """Test R² and MAE gain vs freeze_before:N (the paper's children before N frozen), one
+    line per pair, at the largest FT size of each pair: do more unfrozen layers help?"""
+    table = _pairs_at_largest_size(table)
+    keys = sorted(set(table[["pt_dataset", "dataset"]].itertuples(index=False, name=None)))
+    colors = palette(keys)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6), layout="constrained")
+    for key, lines in table.groupby(["pt_dataset", "dataset"], sort=True):
+        lines = lines.sort_values("freeze_before")
+        label = pair_label(key[0], key[1], meta)
+        curve(left, lines["freeze_before"], lines, "r2", color=colors[key], label=label)
+        right.plot(
+            lines["freeze_before"], lines["gain_mae"], marker="o", color=colors[key], label=label
+        )
+    for ax in (left, right):
+        ax.set_xticks(range(1, 8))
+        ax.set_xlabel("N of freeze_before:N (children 1..N-1 frozen; 7 = final layer only)")
+    clip_r2_axis(left, table["r2_mean"])
+    left.set_ylabel("Test R² (mean ± 95 % CI)")
+    right.set_ylabel("MAE gain vs scratch (%)")
+    right.axhline(0.0, color=SCRATCH_COLOR, linewidth=1)
+    legend_outside(fig, [left], "PT → FT pair", ncols=2)
+    fig.suptitle("Effect of the number of unfrozen layers (largest FT size per pair)")
     return save_figure(fig, out_dir, stem)

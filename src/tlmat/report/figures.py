@@ -10,7 +10,7 @@ Every figure of :data:`tlmat.report.names.FIGURES` is written per model as
 
 * :mod:`~tlmat.report.fig_pairwise`: ``pairwise_r2``, ``pairwise_mae``, ``r2_vs_ft_size``,
   ``r2_vs_pt_size``;
-* :mod:`~tlmat.report.fig_ablations`: ``strategies``, ``learning_rate``;
+* :mod:`~tlmat.report.fig_ablations`: ``strategies``, ``learning_rate``, ``unfrozen_layers``;
 * :mod:`~tlmat.report.fig_runs`: ``learning_curves``, ``parity`` (from per-run files);
 * :mod:`~tlmat.report.fig_mpt_chains`: ``mpt``, ``chains``, ``chain_curves``;
 * :mod:`~tlmat.report.fig_published`: ``published_parity``;
@@ -30,7 +30,11 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from tlmat.report.cells import ablation_cells
-from tlmat.report.fig_ablations import plot_learning_rate, plot_strategies
+from tlmat.report.fig_ablations import (
+    plot_learning_rate,
+    plot_strategies,
+    plot_unfrozen_layers,
+)
 from tlmat.report.fig_mpt_chains import plot_chain_curves, plot_chains, plot_mpt
 from tlmat.report.fig_pairwise import (
     plot_pairwise,
@@ -96,6 +100,10 @@ def _draw(
                 return skip(stem, f"no cell where {by} was varied")
             draw = plot_strategies if name == "strategies" else plot_learning_rate
             return draw(t[name], meta, out, stem)
+        case "unfrozen_layers":
+            if t[name].empty or t[name]["freeze_before"].nunique() < 2:
+                return skip(stem, "no cell with two or more values of freeze_before:N")
+            return plot_unfrozen_layers(t[name], meta, out, stem)
         case "learning_curves":
             return plot_learning_curves(t["runs"], runs_dir, meta, out, stem)
         case "parity":

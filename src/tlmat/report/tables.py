@@ -27,6 +27,7 @@ reads too.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -88,12 +89,28 @@ GRID_KEYS: tuple[str, ...] = ("model", "pt_dataset", "pt_size", "dataset", "size
 FT_SWEEP_KEYS: tuple[str, ...] = ("model", "dataset", "source", "size")
 PT_SWEEP_KEYS: tuple[str, ...] = GRID_KEYS
 STRATEGY_KEYS: tuple[str, ...] = (*GRID_KEYS, "strategy")
+#: freeze_before = N of the strategy freeze_before:N (the paper's children 1..N-1 frozen)
+UNFROZEN_KEYS: tuple[str, ...] = (*GRID_KEYS, "freeze_before")
+FREEZE_BEFORE = "freeze_before:"
 LR_KEYS: tuple[str, ...] = (*GRID_KEYS, "strategy", "lr")
+SAMPLING_KEYS: tuple[str, ...] = (*LR_KEYS, "sampling")
+#: a sampling row beside the random draws of its cell (same pair, sizes, strategy and lr)
+VS_RANDOM_COLUMNS: tuple[str, ...] = (
+    "n_pairs_vs_random",
+    "gain_mae_vs_random",
+    "p_mae_paired_t_vs_random",
+)
 MPT_KEYS: tuple[str, ...] = ("model", "pt_dataset", "dataset", "size", "strategy")
 CHAIN_KEYS: tuple[str, ...] = ("model", "chain", "dataset", "size", "strategy")
 MAPE_COLUMNS: tuple[str, ...] = ("mape_mean", "mape_std", "mape_ci95")
+#: what an MPT fine-tune's model pre-trained on: whether the target's own labels were among
+#: them (never, by the plan) and how many labels there were
+MPT_PT_COLUMNS: tuple[str, ...] = ("target_in_pretraining", "pt_labels")
 MPT_VS_PAIRWISE_COLUMNS: tuple[str, ...] = (
     "best_pairwise_source",
+    "best_pairwise_pt_size",
+    "best_pairwise_pt_labels",
+    "best_pairwise_val_loss",
     "best_pairwise_r2_mean",
     "best_pairwise_mae_mean",
     "n_pairs_vs_pairwise",
@@ -110,8 +127,16 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     "ft_size_sweep": (*FT_SWEEP_KEYS, *STAT_COLUMNS),
     "pt_size_sweep": (*PT_SWEEP_KEYS, *STAT_COLUMNS, *GAIN_COLUMNS),
     "strategies": (*STRATEGY_KEYS, *STAT_COLUMNS, *GAIN_COLUMNS),
+    "unfrozen_layers": (*UNFROZEN_KEYS, "unfrozen_children", *STAT_COLUMNS, *GAIN_COLUMNS),
     "learning_rate": (*LR_KEYS, *STAT_COLUMNS, *GAIN_COLUMNS),
-    "mpt": (*MPT_KEYS, *STAT_COLUMNS, *GAIN_COLUMNS, *MPT_VS_PAIRWISE_COLUMNS),
+    "sampling": (*SAMPLING_KEYS, *STAT_COLUMNS, *GAIN_COLUMNS, *VS_RANDOM_COLUMNS),
+    "mpt": (
+        *MPT_KEYS,
+        *MPT_PT_COLUMNS,
+        *STAT_COLUMNS,
+        *GAIN_COLUMNS,
+        *MPT_VS_PAIRWISE_COLUMNS,
+    ),
     "chains": (*CHAIN_KEYS, "n_stages", *STAT_COLUMNS, *MAPE_COLUMNS, *GAIN_COLUMNS),
     "headline": headline.HEADLINE_COLUMNS,
     "comparison": compare.COMPARISON_COLUMNS,
@@ -237,59 +262,175 @@ def pt_size_sweep(runs: pd.DataFrame, defaults: StudyDefaults) -> pd.DataFrame:
 
 
 def strategies(runs: pd.DataFrame, defaults: StudyDefaults) -> pd.DataFrame:
-    """Every fine-tuning strategy at the default lr and PT size, with gain."""
+    """Every fine-tuning strategy at the default lr and PT size, with gain (the
+    ``freeze_before:N`` sweep has its own table, :func:`unfrozen_layers`)."""
     ft = of_kind(runs, "finetune")
     untagged = pt_size_is_default(ft, defaults.pt_size) & lr_is(ft, defaults.lr)
+    untagged &= ~_is_freeze_before(ft)
     tl = by_family(ft, ["strategies"], untagged)
     return summarize_with_gain(tl, scratch_runs(runs, defaults), STRATEGY_KEYS)
+
+
+def _is_freeze_before(ft: pd.DataFrame) -> pd.Series:
+    return ft["strategy"].fillna("").astype(str).str.startswith(FREEZE_BEFORE)
+
+
+def unfrozen_layers(runs: pd.DataFrame, defaults: StudyDefaults) -> pd.DataFrame:
+    """The ``freeze_before:N`` sweep at the default lr and PT size, with gain: one row per
+    grid cell and N, ``unfrozen_children`` = 8 - N of the paper's seven ALIGNN children
+    train (N = 1: all; N = 7: the final layer only)."""
+    columns = list(TABLE_COLUMNS["unfrozen_layers"])
+    ft = of_kind(runs, "finetune")
+    sweep = pt_size_is_default(ft, defaults.pt_size) & lr_is(ft, defaults.lr)
+    tl = ft[sweep & _is_freeze_before(ft)]
+    if tl.empty:
+        return pd.DataFrame(columns=columns)
+    n = tl["strategy"].astype(str).str.removeprefix(FREEZE_BEFORE).astype(int)
+    tl = tl.assign(freeze_before=n)
+    table = summarize_with_gain(tl, scratch_runs(runs, defaults), UNFROZEN_KEYS)
+    table["unfrozen_children"] = 8 - table["freeze_before"].astype(int)
+    return table[columns]
 
 
 def learning_rate(runs: pd.DataFrame, defaults: StudyDefaults) -> pd.DataFrame:
     """Every fine-tuning learning rate (per strategy) at the default PT size, with gain.
 
-    Our learning-rate family runs the default strategy; the paper's also varied the rate of
-    its new-head strategies, hence ``strategy`` is a key of this table.
+    The family runs every strategy of ``study.learning_rate.strategies`` (the paper's: full,
+    new_head and new_head_freeze), hence ``strategy`` is a key of this table.
     """
     ft = of_kind(runs, "finetune")
-    untagged = pt_size_is_default(ft, defaults.pt_size) & (ft["strategy"] == defaults.strategy)
+    strategies = list(defaults.lr_strategies) or [defaults.strategy]
+    untagged = pt_size_is_default(ft, defaults.pt_size) & ft["strategy"].isin(strategies)
     tl = by_family(ft, ["learning_rate"], untagged & ft["lr"].notna())
     return summarize_with_gain(tl, scratch_runs(runs, defaults), LR_KEYS)
+
+
+def sampling_table(runs: pd.DataFrame, defaults: StudyDefaults) -> pd.DataFrame:
+    """Random vs stratified FT subsets (``study.sampling``), with gain over scratch.
+
+    Rows are the fine-tune cells (pair, PT and FT size, strategy, lr) that have a run drawn
+    other than at random, one row per sampling method, the random one included. Scratch
+    baselines draw at random, so a stratified row's gain compares other subsets; the
+    ``…_vs_random`` columns compare it with the random row of its cell, paired per trial
+    (same PT model, seed and FT size, another subset).
+    """
+    columns = list(TABLE_COLUMNS["sampling"])
+    ft = of_kind(runs, "finetune", sampling=None)
+    if ft.empty or "sampling" not in ft.columns:
+        return pd.DataFrame(columns=columns)
+    sampling = ft["sampling"].fillna("random")
+    cell_keys = list(LR_KEYS)
+    cells = ft[cell_keys].astype(str).agg("|".join, axis=1)
+    studied = cells.isin(set(cells[sampling != "random"]))
+    tl = by_family(ft.assign(sampling=sampling), ["sampling"], studied & ft["lr"].notna())
+    if tl.empty:
+        return pd.DataFrame(columns=columns)
+    table = summarize_with_gain(tl, scratch_runs(runs, defaults), SAMPLING_KEYS)
+    rows = [_vs_random(row, tl) for _, row in table.iterrows()]
+    vs = pd.DataFrame(rows, columns=list(VS_RANDOM_COLUMNS), index=table.index)
+    return pd.concat([table, vs], axis=1)[columns]
+
+
+def _vs_random(row: pd.Series, tl: pd.DataFrame) -> dict[str, Any]:
+    """The MAE of a sampling row against the random row of its cell, paired per trial."""
+    if row["sampling"] == "random":
+        return {"n_pairs_vs_random": 0}
+    same = pd.Series(True, index=tl.index)
+    for key in ("model", "pt_dataset", "pt_size", "dataset", "size", "strategy"):
+        same &= tl[key] == row[key]
+    same &= lr_is(tl, row["lr"])
+    mine = tl[same & (tl["sampling"] == row["sampling"])]
+    random = tl[same & (tl["sampling"] == "random")]
+    paired = mine.merge(
+        random[[*PAIR_KEYS, "test_mae"]], on=list(PAIR_KEYS), suffixes=("", "_random")
+    )
+    if random.empty:
+        return {"n_pairs_vs_random": 0}
+    return {
+        "n_pairs_vs_random": len(paired),
+        "gain_mae_vs_random": stats.relative_gain(
+            row["mae_mean"], random["test_mae"].mean(), lower_is_better=True
+        ),
+        "p_mae_paired_t_vs_random": stats.paired_p_value(
+            paired["test_mae"], paired["test_mae_random"]
+        ),
+    }
 
 
 def mpt_table(runs: pd.DataFrame, defaults: StudyDefaults) -> pd.DataFrame:
     """MPT fine-tunes per (variant, target, FT size, strategy): vs scratch and vs pair-wise.
 
-    The pair-wise reference of a (model, target, FT size) cell is its best PT source in the
-    pair-wise grid (highest mean test R²); the comparison is paired per trial like the gain
-    over scratch, so the MPT and pair-wise runs of trial k share the FT subset and split.
+    ``target_in_pretraining`` says whether the MPT model saw the target's labels (the plan
+    never fine-tunes such a pair; a row that says true came from elsewhere and is not
+    transfer); ``pt_labels`` counts the labels it pre-trained on. The pair-wise reference is
+    the paper's "maxed-out" model: per PT source its largest PT size fine-tuned on the cell,
+    and of those the source with the lowest mean validation loss, never the best test R².
+    The comparison is paired per trial, like the gain over scratch.
     """
     columns = list(TABLE_COLUMNS["mpt"])
     tl = of_kind(runs, "mpt_finetune")
     if tl.empty:
         return pd.DataFrame(columns=columns)
     table = summarize_with_gain(tl, scratch_runs(runs, defaults), MPT_KEYS)
-    plain = plain_finetune_runs(runs, defaults)
-    grid = summarize(plain, GRID_KEYS)
-    rows = []
-    for _, row in table.iterrows():
-        rows.append(_vs_best_pairwise(row, tl, plain, grid))
+    pretrained = _mpt_pretraining(runs)
+    table["target_in_pretraining"] = [
+        ds in pretrained[pt][0] if pt in pretrained else pd.NA
+        for pt, ds in zip(table["pt_dataset"], table["dataset"], strict=True)
+    ]
+    table["pt_labels"] = [pretrained.get(pt, ((), pd.NA))[1] for pt in table["pt_dataset"]]
+    candidates = _maxed_out_candidates(runs, defaults)
+    rows = [_vs_best_pairwise(row, tl, candidates, runs) for _, row in table.iterrows()]
     vs = pd.DataFrame(rows, columns=list(MPT_VS_PAIRWISE_COLUMNS), index=table.index)
     vs["p_mae_paired_t_vs_pairwise_holm"] = stats.adjust_p_values(vs["p_mae_paired_t_vs_pairwise"])
     return pd.concat([table, vs], axis=1)[columns]
 
 
+def _mpt_pretraining(runs: pd.DataFrame) -> dict[str, tuple[tuple[str, ...], Any]]:
+    """MPT model name -> (its source data sets, the labels it trained on)."""
+    models = of_kind(runs, "mpt")
+    if models.empty or "sources" not in models.columns:
+        return {}
+    out = {}
+    for _, run in models.drop_duplicates("dataset").iterrows():
+        sources = run["sources"]
+        if isinstance(sources, str):
+            sources = json.loads(sources)
+        labels = run.get("n_train_labels", pd.NA)
+        out[run["dataset"]] = (tuple(sources or ()), labels)
+    return out
+
+
+def _maxed_out_candidates(runs: pd.DataFrame, defaults: StudyDefaults) -> pd.DataFrame:
+    """Pair-wise fine-tunes (default strategy and lr, any PT size) at the largest PT size
+    each source was fine-tuned from on each (model, target, FT size) cell."""
+    ft = of_kind(runs, "finetune")
+    ft = ft[(ft["strategy"] == defaults.strategy) & lr_is(ft, defaults.lr)]
+    if ft.empty:
+        return ft
+    cell = ["model", "pt_dataset", "dataset", "size"]
+    largest = ft.groupby(cell, dropna=False)["pt_size"].transform("max")
+    return ft[ft["pt_size"] == largest]
+
+
 def _vs_best_pairwise(
-    row: pd.Series, mpt: pd.DataFrame, plain: pd.DataFrame, grid: pd.DataFrame
+    row: pd.Series, mpt: pd.DataFrame, candidates: pd.DataFrame, runs: pd.DataFrame
 ) -> dict[str, Any]:
-    """Best pair-wise source of the row's cell and the paired MAE comparison with it."""
-    cell = grid[
-        (grid["model"] == row["model"])
-        & (grid["dataset"] == row["dataset"])
-        & (grid["size"] == row["size"])
+    """The maxed-out pair-wise model of the row's cell and the paired MAE comparison."""
+    cell = candidates[
+        (candidates["model"] == row["model"])
+        & (candidates["dataset"] == row["dataset"])
+        & (candidates["size"] == row["size"])
     ]
-    if cell.empty or cell["r2_mean"].isna().all():
+    if cell.empty or "best_val_loss" not in cell.columns or cell["best_val_loss"].isna().all():
         return {"n_pairs_vs_pairwise": 0}
-    best = cell.loc[cell["r2_mean"].idxmax()]
+    by_source = cell.groupby("pt_dataset").agg(
+        val_loss=("best_val_loss", "mean"),
+        pt_size=("pt_size", "first"),
+        r2_mean=("test_r2", "mean"),
+        mae_mean=("test_mae", "mean"),
+    )
+    best_source = by_source["val_loss"].idxmin()
+    best = by_source.loc[best_source]
     mine = mpt[
         (mpt["model"] == row["model"])
         & (mpt["pt_dataset"] == row["pt_dataset"])
@@ -297,17 +438,17 @@ def _vs_best_pairwise(
         & (mpt["size"] == row["size"])
         & (mpt["strategy"] == row["strategy"])
     ]
-    theirs = plain[
-        (plain["model"] == row["model"])
-        & (plain["pt_dataset"] == best["pt_dataset"])
-        & (plain["dataset"] == row["dataset"])
-        & (plain["size"] == row["size"])
-    ]
+    theirs = cell[cell["pt_dataset"] == best_source]
     paired = mine.merge(
         theirs[[*PAIR_KEYS, "test_r2", "test_mae"]], on=list(PAIR_KEYS), suffixes=("", "_ref")
     )
+    pt = of_kind(runs, "pretrain")
+    pt = pt[(pt["dataset"] == best_source) & (pt["size"] == best["pt_size"])]
     return {
-        "best_pairwise_source": best["pt_dataset"],
+        "best_pairwise_source": best_source,
+        "best_pairwise_pt_size": best["pt_size"],
+        "best_pairwise_pt_labels": pt["n_train"].mean() if not pt.empty else pd.NA,
+        "best_pairwise_val_loss": best["val_loss"],
         "best_pairwise_r2_mean": best["r2_mean"],
         "best_pairwise_mae_mean": best["mae_mean"],
         "n_pairs_vs_pairwise": len(paired),
@@ -385,7 +526,9 @@ def _study_tables(runs: pd.DataFrame, defaults: StudyDefaults) -> dict[str, pd.D
         "ft_size_sweep": ft_size_sweep(runs, defaults),
         "pt_size_sweep": pt_size_sweep(runs, defaults),
         "strategies": strategies(runs, defaults),
+        "unfrozen_layers": unfrozen_layers(runs, defaults),
         "learning_rate": learning_rate(runs, defaults),
+        "sampling": sampling_table(runs, defaults),
         "mpt": mpt_table(runs, defaults),
         "chains": chains_table(runs, defaults),
     }
