@@ -86,47 +86,61 @@ def test_variants_leave_one_source_out():
         variant_sources(config, "without_ood")
 
 
-def _run(kind, pt, trial, r2, mae, strategy="full"):
+def _run(kind, pt, trial, r2, mae, val=None, pt_size=50, strategy="full"):
     return {
-        "run_id": f"{kind}/{pt}/t{trial}",
+        "run_id": f"{kind}/{pt}-{pt_size}/t{trial}",
         "kind": kind,
         "model": "cgcnn",
         "dataset": "cc",
         "size": 100,
         "trial": trial,
         "pt_dataset": pt,
-        "pt_size": 50 if pt else None,
+        "pt_size": pt_size if pt else None,
         "strategy": strategy if pt else None,
         "lr": 0.001,
         "test_r2": r2,
         "test_mae": mae,
+        "best_val_loss": val,
     }
 
 
-def test_mpt_table_compares_with_scratch_and_the_best_pairwise_source():
+def test_mpt_table_compares_with_scratch_and_the_maxed_out_pairwise_model():
     import pandas as pd
 
     from tlmat.report.runs import StudyDefaults
     from tlmat.report.tables import mpt_table
 
+    mpt = "mpt_without_cc"
     runs = pd.DataFrame(
         [
             _run("scratch", None, 1, 0.1, 1.0),
             _run("scratch", None, 2, 0.2, 1.2),
-            _run("finetune", "aa", 1, 0.5, 0.8),
-            _run("finetune", "aa", 2, 0.6, 0.9),
-            _run("finetune", "bb", 1, 0.2, 1.1),
-            _run("finetune", "bb", 2, 0.3, 1.0),
-            _run("mpt_finetune", "mpt_all", 1, 0.7, 0.6),
-            _run("mpt_finetune", "mpt_all", 2, 0.8, 0.7),
+            _run("finetune", "aa", 1, 0.5, 0.8, val=0.3),
+            _run("finetune", "aa", 2, 0.6, 0.9, val=0.3),
+            # bb at PT 50: lowest validation loss, but bb was pre-trained larger too
+            _run("finetune", "bb", 1, 0.2, 1.1, val=0.1),
+            _run("finetune", "bb", 2, 0.3, 1.0, val=0.1),
+            # bb maxed out (PT 100): best test R2, yet higher validation loss than aa
+            _run("finetune", "bb", 1, 0.9, 0.5, val=0.4, pt_size=100),
+            _run("finetune", "bb", 2, 0.95, 0.4, val=0.4, pt_size=100),
+            {"run_id": "pt/aa-50/t1", "kind": "pretrain", "model": "cgcnn", "dataset": "aa"}
+            | {"size": 50, "trial": 1, "n_train": 40},
+            {"run_id": "mpt/t1", "kind": "mpt", "model": "cgcnn", "dataset": mpt}
+            | {"size": 50, "trial": 1, "sources": '["aa", "bb"]', "n_train_labels": 90},
+            _run("mpt_finetune", mpt, 1, 0.7, 0.6),
+            _run("mpt_finetune", mpt, 2, 0.8, 0.7),
         ]
     )
     table = mpt_table(runs, StudyDefaults(pt_size=50, lr=0.001))
     assert len(table) == 1
     row = table.iloc[0]
-    assert row["pt_dataset"] == "mpt_all" and row["n"] == 2
+    assert row["pt_dataset"] == mpt and row["n"] == 2
+    assert not row["target_in_pretraining"] and row["pt_labels"] == 90
     assert row["r2_mean"] == pytest.approx(0.75)
-    assert row["best_pairwise_source"] == "aa"
+    # chosen by validation loss among each source's largest PT size, never by test R2
+    assert (row["best_pairwise_source"], row["best_pairwise_pt_size"]) == ("aa", 50)
+    assert row["best_pairwise_val_loss"] == pytest.approx(0.3)
+    assert row["best_pairwise_pt_labels"] == 40
     assert row["best_pairwise_r2_mean"] == pytest.approx(0.55)
     assert row["n_pairs_vs_pairwise"] == 2
     # ratios of trial means: best pair-wise MAE 0.85 vs MPT 0.65; scratch 1.1 vs MPT 0.65
@@ -138,7 +152,31 @@ def test_mpt_table_compares_with_scratch_and_the_best_pairwise_source():
 
     text = summary_markdown({"mpt": table})
     assert "## Multi-property pre-training" in text
-    assert f"| cgcnn | mpt_all | 1 | {row['gain_mae']:+.1f} | {expected:+.1f} | 1/1 | 0/1 |" in text
+    assert f"| cgcnn | {mpt} | 1 | {row['gain_mae']:+.1f} | {expected:+.1f} | 1/1 | 0/1 |" in text
+
+
+def test_mpt_rows_say_when_the_model_saw_the_target():
+    import pandas as pd
+
+    from tlmat.report.runs import StudyDefaults
+    from tlmat.report.tables import mpt_table
+
+    runs = pd.DataFrame(
+        [
+            _run("scratch", None, 1, 0.1, 1.0),
+            {"run_id": "mpt/t1", "kind": "mpt", "model": "cgcnn", "dataset": "mpt_all"}
+            | {"size": 50, "trial": 1, "sources": '["aa", "cc"]', "n_train_labels": 90},
+            _run("mpt_finetune", "mpt_all", 1, 0.7, 0.6),
+        ]
+    )
+    table = mpt_table(runs, StudyDefaults(pt_size=50, lr=0.001))
+    assert bool(table.iloc[0]["target_in_pretraining"])  # cc's labels were pre-trained on
+    from tlmat.report.cells import mpt_transfer_rows
+    from tlmat.report.fig_mpt_chains import mpt_bars
+    from tlmat.report.summary import summary_markdown
+
+    assert mpt_transfer_rows(table).empty and mpt_bars(table).empty
+    assert "| cgcnn | mpt_all |" not in summary_markdown({"mpt": table})
 
 
 # ----------------------------------------------------------------------------- end to end

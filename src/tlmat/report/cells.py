@@ -41,3 +41,15 @@ def ablation_cells(table: pd.DataFrame, by: str) -> pd.DataFrame:
     cell = [c for c in (*GRID_CELL, "strategy") if c in table.columns and c != by]
     varied = table.groupby(cell, dropna=False)[by].transform("nunique") >= 2
     return table[varied]
+
+
+def mpt_transfer_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """MPT rows that are transfer: the model never saw the target's labels.
+
+    The plan never fine-tunes such a pair, so this drops nothing from tlmat's own runs; a
+    table built from other runs (or an older study) cannot pass a row whose target was
+    pre-trained on into a summary or a figure.
+    """
+    if table.empty or "target_in_pretraining" not in table.columns:
+        return table
+    return table[table["target_in_pretraining"].astype("boolean").fillna(False).eq(False)]

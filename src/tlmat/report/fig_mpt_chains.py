@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from tlmat.report.cells import mpt_transfer_rows
 from tlmat.report.fig_runs import read_run_csv
 from tlmat.report.fig_style import (
     SCRATCH_COLOR,
@@ -38,7 +39,7 @@ def mpt_bars(table: pd.DataFrame) -> pd.DataFrame:
     source of the same cell (both taken from the MPT table's reference columns).
     """
     rows = []
-    for (dataset, size), cell in table.groupby(["dataset", "size"], sort=True):
+    for (dataset, size), cell in mpt_transfer_rows(table).groupby(["dataset", "size"], sort=True):
         first = cell.iloc[0]
         rows.append((dataset, size, "scratch", first["scratch_r2_mean"], math.nan))
         if pd.notna(first.get("best_pairwise_source")):

@@ -14,7 +14,7 @@ from typing import Any
 import pandas as pd
 
 from tlmat.report import compare, stats
-from tlmat.report.cells import ablation_cells, best_sources
+from tlmat.report.cells import ablation_cells, best_sources, mpt_transfer_rows
 from tlmat.report.names import RUN_KINDS
 
 Meta = Mapping[str, Mapping[str, str]]
@@ -197,6 +197,7 @@ def _pt_size_rows(table: pd.DataFrame, meta: Meta | None) -> list[list[str]]:
 
 def _mpt_rows(table: pd.DataFrame) -> list[list[str]]:
     """One line per (model, MPT variant): gains over scratch and over the best PT source."""
+    table = mpt_transfer_rows(table)
     if table.empty:
         return []
     rows = []
