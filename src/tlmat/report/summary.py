@@ -258,6 +258,7 @@ def summary_markdown(tables: Mapping[str, pd.DataFrame], meta: Meta | None = Non
     empty = pd.DataFrame()
     grid = tables.get("pairwise_grid", empty)
     strat = tables.get("strategies", empty)
+    unfrozen = tables.get("unfrozen_layers", empty)
     lrs = tables.get("learning_rate", empty)
     gain_header = ["cells", "mean R² gain (%)", "mean MAE gain (%)", "unstable R² cells"]
     parts = ["# Transfer-learning study: summary", "", _run_counts(tables.get("runs")), ""]
@@ -319,6 +320,12 @@ def summary_markdown(tables: Mapping[str, pd.DataFrame], meta: Meta | None = Non
         _ranked_rows(strat, "strategy"),
         ["model", "strategy", *gain_header],
         extra=_best_lines(strat, "strategy", "strategy"),
+    )
+    parts += _section(
+        "Unfrozen layers: freeze_before:N, children 1..N-1 frozen (by mean MAE gain)",
+        _ranked_rows(unfrozen, "freeze_before"),
+        ["model", "N", *gain_header],
+        extra=_best_lines(unfrozen, "freeze_before", "N of freeze_before:N"),
     )
     parts += _section(
         "Learning rate (cells where the lr was varied; by mean MAE gain)",
