@@ -410,18 +410,35 @@ def read_published_splits(path: str | os.PathLike | None, key: str) -> Mapping |
     return splits.get(key)
 
 
+#: how a training subset is drawn from the pool (``finetune.sampling``)
+SAMPLING_METHODS = ("random", "stratified")
+#: equal-count target-quantile bins of a stratified draw (fewer when the subset is smaller)
+STRATA = 10
+
+
 def subset_ids(
-    splits: Mapping, pool_ids: Sequence[int], size: int, trial: int, cap: bool = False
+    splits: Mapping,
+    pool_ids: Sequence[int],
+    size: int,
+    trial: int,
+    cap: bool = False,
+    sampling: str = "random",
+    targets: Mapping[int, float] | None = None,
 ) -> list[int]:
     """The training subset (train + val) of ``size`` for ``trial``, outside the test set.
 
-    Published subsets are used when the splits carry one for (trial, size); otherwise a
-    seeded draw from the pool. A request larger than the pool is an error naming the data
-    set and sizes, except with ``cap`` (pre-training: "PT on up to N", as the paper's 100K
-    PT size is about the whole BG/FE pool), where it is capped with a log line.
+    ``random``: the published subset when the splits carry one for (trial, size); otherwise
+    a seeded draw from the pool. ``stratified``: a seeded draw of equal shares from
+    :data:`STRATA` equal-count quantile bins of the pool's ``targets``
+    (:func:`stratified_draw`); published subsets are random draws, so they are not used.
+    A request larger than the pool is an error naming the data set and sizes, except with
+    ``cap`` (pre-training: "PT on up to N", as the paper's 100K PT size is about the whole
+    BG/FE pool), where it is capped with a log line.
     """
+    if sampling not in SAMPLING_METHODS:
+        raise DataError(f"unknown sampling {sampling!r}; use one of {list(SAMPLING_METHODS)}")
     published = splits.get("trials", {}).get(f"trial{trial}", {}).get(str(size))
-    if published is not None:
+    if published is not None and sampling == "random":
         return [int(i) for i in published]
     test = set(splits["test"])
     pool = np.asarray(sorted(int(i) for i in pool_ids if int(i) not in test), dtype=np.int64)
@@ -439,10 +456,40 @@ def subset_ids(
             len(pool),
         )
         size = len(pool)
+    if sampling == "stratified":
+        if targets is None:
+            raise DataError(f"{splits['dataset']}: a stratified draw needs the pool's targets")
+        rng = seeded_rng(splits["seed"], splits["dataset"], "stratified", trial, size)
+        return stratified_draw(pool, [targets[int(i)] for i in pool], size, rng)
     chosen = seeded_rng(splits["seed"], splits["dataset"], "subset", trial, size).choice(
         pool, size=size, replace=False
     )
     return [int(i) for i in chosen]
+
+
+def quantile_bins(targets: Sequence[float], n_bins: int) -> np.ndarray:
+    """Bin (0 .. n_bins - 1) of every target: equal-count bins of the targets' ranks (ties
+    broken by position, so bins stay equal in count whatever the ties)."""
+    order = np.argsort(np.asarray(targets, dtype=float), kind="stable")
+    bins = np.empty(len(order), dtype=np.int64)
+    for b, members in enumerate(np.array_split(order, n_bins)):
+        bins[members] = b
+    return bins
+
+
+def stratified_draw(
+    pool: Sequence[int], targets: Sequence[float], size: int, rng: np.random.Generator
+) -> list[int]:
+    """``size`` ids of ``pool``, an equal share from each of ``min(STRATA, size)``
+    equal-count target-quantile bins (the remainder goes to bins chosen by ``rng``)."""
+    pool = np.asarray(pool, dtype=np.int64)
+    n_bins = max(1, min(STRATA, size, len(pool)))
+    bins = quantile_bins(targets, n_bins)
+    shares = np.full(n_bins, size // n_bins)
+    spare = np.flatnonzero(np.bincount(bins, minlength=n_bins) > shares)
+    shares[rng.choice(spare, size=size % n_bins, replace=False)] += 1
+    chosen = [rng.choice(pool[bins == b], size=k, replace=False) for b, k in enumerate(shares)]
+    return [int(i) for i in np.concatenate(chosen)]
 
 
 def train_val_split(

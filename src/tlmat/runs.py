@@ -33,6 +33,7 @@ from tlmat.checkpoint import (
 )
 from tlmat.config import FeaturizerSettings, config_hash, finetune_lr, finetune_strategy
 from tlmat.data import (
+    SAMPLING_METHODS,
     DataError,
     DatasetSpec,
     clean,
@@ -58,7 +59,7 @@ from tlmat.leakage import (
 )
 from tlmat.metrics import regression_metrics
 from tlmat.models import ModelConfig, build_model
-from tlmat.plan import RUN_FILES, Layout
+from tlmat.plan import RUN_FILES, SUBSET_IDS, Layout
 from tlmat.train import (
     Resume,
     Stopwatch,
@@ -270,12 +271,21 @@ class RunSpec:
     lr: float | None = None
     epochs: int | None = None
     resume: bool = False
+    sampling: str | None = None  # how the subset is drawn; None = run_sampling's default
 
     def __post_init__(self) -> None:
         if self.trial < 1:
             raise ValueError(f"trial must be >= 1, got {self.trial}")
+        if self.sampling is not None and self.sampling not in SAMPLING_METHODS:
+            raise ValueError(f"sampling must be one of {SAMPLING_METHODS}, got {self.sampling!r}")
         if self.size < 2:
             raise ValueError(f"size must be >= 2 (train + val), got {self.size}")
+
+
+def run_sampling(config: Mapping, kind: str) -> str:
+    """The default sampling of a run: ``finetune.sampling`` for fine-tunes of a pre-trained
+    model (kind ``finetune``); scratch, PT, MPT fine-tunes and chain stages draw randomly."""
+    return plan.finetune_sampling(config) if kind == "finetune" else "random"
 
 
 def run_seed(config: Mapping, spec: RunSpec) -> int:
@@ -329,13 +339,16 @@ def pretrain_subset_ids(
     trial: int,
     excluded: set[int],
     cap: bool = True,
+    sampling: str = "random",
+    targets: Mapping[int, float] | None = None,
 ) -> list[int]:
     """:func:`subset_ids` from the pool without ``excluded``.
 
     A published subset that contains excluded ids loses them (logged) rather than being
     refilled, so what remains is still exactly the published selection.
     """
-    chosen = subset_ids(splits, [i for i in pool_ids if i not in excluded], size, trial, cap)
+    pool = [i for i in pool_ids if i not in excluded]
+    chosen = subset_ids(splits, pool, size, trial, cap, sampling, targets)
     kept = [i for i in chosen if i not in excluded]
     if len(kept) < len(chosen):
         log.info(
@@ -346,15 +359,45 @@ def pretrain_subset_ids(
     return kept
 
 
+def split_ids(
+    config: Mapping, spec: RunSpec, cache: GraphCache, splits: Mapping, excluded: set[int]
+) -> tuple[list[int], list[int]]:
+    """The run's train and validation ids: its subset (drawn with ``spec.sampling``), split."""
+    # only pre-training sizes are "up to": a too-large FT size is an error
+    cap = spec.kind == "pretrain"
+    ids = cache.ids.tolist()
+    targets = dict(zip(ids, cache.targets.tolist(), strict=True))
+    sampling = spec.sampling or "random"
+    subset = pretrain_subset_ids(
+        splits, ids, spec.size, spec.trial, excluded, cap, sampling, targets
+    )
+    return train_val_split(
+        subset, config["val_fraction"], config["seed"], spec.dataset, spec.size, spec.trial
+    )
+
+
+def write_subset_ids(spec: RunSpec, train_ids: Sequence[int], val_ids: Sequence[int]) -> Path:
+    """``<run dir>/subset_ids.json``: the ids the run trains and validates on, written
+    (atomically) before training, beside the run files."""
+    path = Path(spec.out_dir) / SUBSET_IDS
+    record = {
+        "run_id": spec.run_id,
+        "dataset": spec.dataset,
+        "size": spec.size,
+        "trial": spec.trial,
+        "sampling": spec.sampling or "random",
+        "train": [int(i) for i in train_ids],
+        "val": [int(i) for i in val_ids],
+    }
+    atomic_write_text(path, json.dumps(record, indent=1))
+    return path
+
+
 def _split_graphs(
     config: Mapping, spec: RunSpec, cache: GraphCache, splits: Mapping, excluded: set[int]
 ):
-    # only pre-training sizes are "up to": a too-large FT size is an error
-    cap = spec.kind == "pretrain"
-    subset = pretrain_subset_ids(splits, cache.ids.tolist(), spec.size, spec.trial, excluded, cap)
-    train_ids, val_ids = train_val_split(
-        subset, config["val_fraction"], config["seed"], spec.dataset, spec.size, spec.trial
-    )
+    train_ids, val_ids = split_ids(config, spec, cache, splits, excluded)
+    write_subset_ids(spec, train_ids, val_ids)
     test_ids = [int(i) for i in splits["test"]]
     return cache.graphs(train_ids), cache.graphs(val_ids), cache.graphs(test_ids), test_ids
 
@@ -384,7 +427,8 @@ def _build_or_load_model(config: Mapping, spec: RunSpec, featurizer: FeaturizerS
 
 
 def needs_overlap(config: Mapping, kind: str) -> bool:
-    """Whether a run reads the overlap file: pre-training with test-crystal exclusion."""
+    """Whether a run must read the overlap file: pre-training with test-crystal exclusion
+    (a chain stage reads it when given one: the plan decides which stages exclude)."""
     return kind == "pretrain" and bool(config.get("exclude_test_overlap", True))
 
 
@@ -401,6 +445,8 @@ def execute_run(
     stopwatch = Stopwatch()
     if spec.checkpoint is not None and spec.strategy is None:  # one place for the default
         spec = dataclasses.replace(spec, strategy=finetune_strategy(config))
+    if spec.sampling is None:
+        spec = dataclasses.replace(spec, sampling=run_sampling(config, spec.kind))
     if inputs is None:
         inputs = ensure_inputs(config, [spec.dataset], needs_overlap(config, spec.kind))
     settings = _train_settings(config, spec)
@@ -409,11 +455,10 @@ def execute_run(
     featurizer = featurizer_settings(config)
     cache = inputs.cache(config, spec.dataset)
     splits = inputs.splits_of(spec.dataset)
-    excluded = (
-        pretrain_pool_exclusions(config, spec.dataset, inputs.overlap)
-        if spec.kind == "pretrain"
-        else set()
-    )
+    # pre-training, and chain stages given the overlap file (the plan gives it to every
+    # stage that is no chain's final one), leave out other data sets' test crystals
+    excludes = spec.kind == "pretrain" or (spec.kind == "chain" and inputs.overlap is not None)
+    excluded = pretrain_pool_exclusions(config, spec.dataset, inputs.overlap) if excludes else set()
     train_g, val_g, test_g, test_ids = _split_graphs(config, spec, cache, splits, excluded)
     if not test_g:
         raise DataError(f"{spec.dataset}: the held-out test set is empty")
@@ -431,6 +476,7 @@ def execute_run(
     stage = {
         "dataset": spec.dataset,
         "size": spec.size,
+        "n": len(train_g) + len(val_g),  # what was trained on: a capped PT size says less
         "trial": spec.trial,
         "strategy": spec.strategy,
     }
@@ -439,10 +485,12 @@ def execute_run(
         **base_metrics(config, spec, seed, model),
         "pt_dataset": source.get("dataset"),
         "pt_size": source.get("size"),
+        "pt_n": source.get("n"),
         "pt_trial": source.get("trial"),
         "chain": ">".join(f"{s['dataset']}:{s['size']}" for s in [*lineage, stage]),
         "strategy": spec.strategy if spec.checkpoint is not None else None,
         "lr": settings.lr,
+        "sampling": spec.sampling,
         "n_train": len(train_g),
         "n_val": len(val_g),
         "n_test": len(test_g),
@@ -453,7 +501,7 @@ def execute_run(
         "epochs_run": result.epochs_run,
         "best_val_loss": result.best_val_loss,
         "splits_source": splits["source"],
-        **({"n_excluded_overlap": len(excluded)} if spec.kind == "pretrain" else {}),
+        **({"n_excluded_overlap": len(excluded)} if excludes else {}),
         "wall_time_s": round(stopwatch.seconds(), 3),
     }
     predictions = pd.DataFrame({"id": test_ids, "target": target, "prediction": prediction})

@@ -86,6 +86,7 @@ rule finetune:
     shell:
         TRAIN_SHELL + " --kind finetune --checkpoint {input.checkpoint}"
         " --strategy {params.run.strategy} --lr {params.run.lr_tag}"
+        " --sampling {params.run.sampling}"
         " --dataset {params.run.dataset} --size {params.run.size}"
         " --trial {params.run.trial} > {log} 2>&1"
 

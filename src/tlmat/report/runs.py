@@ -73,7 +73,11 @@ FLOAT_COLUMNS: tuple[str, ...] = (
 # Nested dicts (``versions``) are flattened into ``versions.<name>`` columns.
 RUN_COLUMNS: tuple[str, ...] = tuple(k for k in REQUIRED_KEYS if k != "versions")
 #: optional run-record columns: our metrics.json files leave them out
-OPTIONAL_RUN_COLUMNS: dict[str, str | None] = {"family": None, "origin": "tlmat"}
+OPTIONAL_RUN_COLUMNS: dict[str, str | None] = {
+    "family": None,
+    "origin": "tlmat",
+    "sampling": "random",  # how the run's subset was drawn (older runs: random)
+}
 #: what makes two runs trial twins (same split and seed): a TL run and its scratch run
 PAIR_KEYS: tuple[str, ...] = ("model", "dataset", "size", "trial")
 
@@ -193,9 +197,14 @@ def _coerce_types(frame: pd.DataFrame) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- selection
 
 
-def of_kind(runs: pd.DataFrame, kind: str) -> pd.DataFrame:
-    """The runs of one kind (``scratch``, ``finetune``, …)."""
-    return runs[runs["kind"] == kind]
+def of_kind(runs: pd.DataFrame, kind: str, sampling: str | None = "random") -> pd.DataFrame:
+    """The runs of one kind (``scratch``, ``finetune``, …) whose subsets were drawn with
+    ``sampling`` (None: any). Only the sampling table asks for other than random draws, so
+    every other table compares runs on the same (published or seeded random) subsets."""
+    runs = runs[runs["kind"] == kind]
+    if sampling is None or "sampling" not in runs.columns:
+        return runs
+    return runs[runs["sampling"].fillna("random") == sampling]
 
 
 def lr_is(frame: pd.DataFrame, lr: float) -> pd.Series:
