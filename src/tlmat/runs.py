@@ -295,7 +295,11 @@ def run_seed(config: Mapping, spec: RunSpec) -> int:
 
 
 def _train_settings(config: Mapping, spec: RunSpec) -> TrainSettings:
+    """The ``train`` section for one run: the batch size of its size (``batch_size_by_size``,
+    scratch and fine-tune alike), ``pretrain_lr`` for pre-training, the fine-tune learning
+    rate for fine-tunes, and the run's own lr/epochs where the plan sets them."""
     settings = TrainSettings.from_config(config["train"])
+    settings = settings.for_run(spec.size, pretrain=spec.kind == "pretrain")
     lr = spec.lr
     if lr is None and spec.checkpoint is not None:
         lr = finetune_lr(config)
@@ -497,6 +501,9 @@ def execute_run(
         "test_r2": scores["r2"],
         "test_mae": scores["mae"],
         "test_mape": scores["mape"],
+        "batch_size": settings.batch_size,
+        "select": settings.select,
+        "selected_epoch": result.selected_epoch,
         "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run,
         "best_val_loss": result.best_val_loss,

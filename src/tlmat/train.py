@@ -1,7 +1,9 @@
 """The one trainer used by every run (scratch, pre-train, fine-tune).
 
-AdamW + OneCycle on MSE of standardized targets, early stopping on the validation loss with
-the best-validation weights kept; predictions and metrics in the data set's units.
+AdamW + OneCycle on MSE of standardized targets; predictions and metrics in the data set's
+units. Model selection (``select``): ``final`` trains every epoch and keeps the last weights (the
+paper's protocol), ``best_val`` stops early on the validation loss (``patience``) and keeps the
+best-validation weights.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -33,17 +36,45 @@ class TrainSettings:
 
     epochs: int = 500
     batch_size: int = 16
+    batch_size_by_size: tuple[tuple[int, int], ...] = ()
     lr: float = 1e-3
+    pretrain_lr: float | None = None
     weight_decay: float = 1e-5
+    select: Literal["final", "best_val"] = "best_val"
     patience: int = 50
     num_threads: int | None = None
     device: str = "auto"
     resume_every: int = 5
 
+    def __post_init__(self) -> None:
+        if self.select not in SELECTIONS:
+            raise ValueError(f"train.select: {self.select!r} is not one of {SELECTIONS}")
+        pairs = tuple((int(size), int(batch)) for size, batch in self.batch_size_by_size)
+        object.__setattr__(self, "batch_size_by_size", pairs)
+
     @classmethod
     def from_config(cls, section: Mapping) -> TrainSettings:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in section.items() if k in known})
+
+    def batch_size_for(self, size: int) -> int:
+        """The batch size of a run on ``size`` structures (train + validation): that of the
+        first ``[max_size, batch]`` pair of ``batch_size_by_size`` with ``size <= max_size``
+        (pairs taken in order of ``max_size``), else ``batch_size``."""
+        for max_size, batch in sorted(self.batch_size_by_size):
+            if size <= max_size:
+                return batch
+        return self.batch_size
+
+    def for_run(self, size: int, pretrain: bool = False) -> TrainSettings:
+        """These settings for one run: its size's batch size, and ``pretrain_lr`` (when set)
+        as the learning rate of a pre-training run."""
+        lr = self.pretrain_lr if pretrain and self.pretrain_lr is not None else self.lr
+        return dataclasses.replace(self, batch_size=self.batch_size_for(size), lr=lr)
+
+
+SELECTIONS = ("final", "best_val")
+"""``train.select``: test the last epoch's weights, or the best-validation ones."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,10 +99,14 @@ class TargetScaler:
 
 @dataclasses.dataclass
 class FitResult:
+    """``best_epoch``/``best_val_loss``: the lowest validation loss seen; ``selected_epoch``:
+    the epoch whose weights the model holds (the last one under ``select: final``)."""
+
     best_epoch: int
     epochs_run: int
     best_val_loss: float
     history: pd.DataFrame
+    selected_epoch: int = 0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -254,7 +289,9 @@ def fit(
     progress: bool | None = None,
     resume: Resume | None = None,
 ) -> FitResult:
-    """Train the named head(s) on masked MSE; on return the model holds its best-val weights.
+    """Train the named head(s) on masked MSE; on return the model holds the weights that
+    ``settings.select`` picks: the last epoch's (``final``: every epoch runs, ``patience`` is
+    ignored) or the best validation loss's (``best_val``: early stopping after ``patience``).
 
     One head and one scaler for single-property runs; several heads with a scaler each for
     multi-property pre-training, where graphs carry ``y`` of shape ``[1, heads]`` with NaN for
@@ -326,17 +363,25 @@ def fit(
             )
         if val_loss < state.best_loss:
             state.best_loss, state.best_epoch = val_loss, epoch
-            state.best_state = copy.deepcopy(model.state_dict())
+            if settings.select == "best_val":  # under `final` the best weights are never used
+                state.best_state = copy.deepcopy(model.state_dict())
         if resume is not None and epoch % resume.every == 0:
             _save_resume(resume.path, resume.tag, state, model, optimizer, scheduler, generator)
         if _stopped_early(state, settings):
             log.info("early stop at epoch %d (best %d)", epoch, state.best_epoch)
             break
-    model.load_state_dict(state.best_state)
-    return FitResult(state.best_epoch, len(state.rows), state.best_loss, pd.DataFrame(state.rows))
+    if settings.select == "best_val":
+        model.load_state_dict(state.best_state)
+        selected = state.best_epoch
+    else:  # the model already holds the last epoch's weights (also after a resume)
+        selected = state.epoch
+    history = pd.DataFrame(state.rows)
+    return FitResult(state.best_epoch, len(state.rows), state.best_loss, history, selected)
 
 
 def _stopped_early(state: _Progress, settings: TrainSettings) -> bool:
+    if settings.select == "final":  # the paper's protocol: every epoch runs
+        return False
     return state.epoch > state.best_epoch and state.epoch - state.best_epoch >= settings.patience
 
 

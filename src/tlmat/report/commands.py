@@ -36,6 +36,7 @@ def study_defaults(config: Mapping) -> StudyDefaults:
         pt_size=config["study"]["pt_size"],
         lr=finetune_lr(config),
         strategy=finetune_strategy(config),
+        lr_strategies=tuple(config["study"]["learning_rate"]["strategies"]),
     )
 
 

@@ -96,6 +96,8 @@ class StudyDefaults:
             size of each (model, pt_dataset) among the fine-tuning runs" (i.e. the full set).
         lr: learning rate of the plain fine-tuning runs.
         strategy: fine-tuning strategy of the plain runs.
+        lr_strategies: strategies of the learning-rate study (``study.learning_rate.
+            strategies``); empty means ``strategy`` alone.
         scratch_lr: if set, only scratch runs with this learning rate form the baseline; needed
             only when scratch runs were repeated at several learning rates.
     """
@@ -104,6 +106,7 @@ class StudyDefaults:
     lr: float
     strategy: str = "full"
     scratch_lr: float | None = None
+    lr_strategies: tuple[str, ...] = ()
 
 
 # ----------------------------------------------------------------------------- collection
