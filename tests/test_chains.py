@@ -156,3 +156,45 @@ def test_a_chain_naming_an_unknown_external_checkpoint_fails_at_dag_build(tmp_pa
     result = run_snakemake(tmp_path, "-n")
     assert result.returncode != 0
     assert "external_checkpoints.pub: file" in result.stdout + result.stderr
+
+
+def test_the_chain_table_sets_a_chain_beside_its_one_stage_transfer():
+    import pandas as pd
+
+    from tlmat.report.runs import StudyDefaults
+    from tlmat.report.tables import chains_table
+
+    def run(kind, chain, trial, r2, mae, pt=("aa", 30)):
+        return {
+            "run_id": f"{kind}/{chain}/t{trial}",
+            "kind": kind,
+            "model": "cgcnn",
+            "dataset": "cc",
+            "size": 20,
+            "trial": trial,
+            "chain": chain,
+            "pt_dataset": pt[0] if pt else None,
+            "pt_size": pt[1] if pt else None,
+            "strategy": "full" if pt else None,
+            "lr": 0.001,
+            "test_r2": r2,
+            "test_mae": mae,
+            "test_mape": 0.1,
+        }
+
+    runs = pd.DataFrame(
+        [
+            run("scratch", "cc:20", 1, 0.1, 1.0, pt=None),
+            run("scratch", "cc:20", 2, 0.2, 1.0, pt=None),
+            run("chain", "aa:30>bb:20>cc:20", 1, 0.6, 0.5, pt=("bb", 20)),
+            run("chain", "aa:30>bb:20>cc:20", 2, 0.7, 0.6, pt=("bb", 20)),
+            run("finetune", "aa:30>cc:20", 1, 0.4, 0.8),
+            run("finetune", "aa:30>cc:20", 2, 0.5, 0.7),
+        ]
+    )
+    row = chains_table(runs, StudyDefaults(pt_size=30, lr=0.001)).iloc[0]
+    assert row["chain"] == "aa:30>bb:20>cc:20" and row["n_stages"] == 2
+    assert (row["one_stage_chain"], row["one_stage_n"]) == ("aa:30>cc:20", 2)
+    assert row["one_stage_mae_mean"] == pytest.approx(0.75)
+    assert row["gain_mae_vs_one_stage"] == pytest.approx((0.75 - 0.55) / 0.75 * 100)
+    assert row["gain_mae"] == pytest.approx((1.0 - 0.55) / 1.0 * 100)

@@ -235,3 +235,27 @@ def test_unusable_overlap_file_is_one_clear_error(tmp_path):
     path.write_text(json.dumps({"datasets": ["a"], "exclude": {}}))
     with pytest.raises(ValueError, match=r"overlap.json: not an overlap file \(KeyError"):
         load_overlap(path)
+
+
+def test_an_intermediate_chain_stage_leaves_out_other_test_crystals(tmp_path):
+    """A chain stage that feeds another stage is pre-training for it: like a PT run it never
+    trains on a crystal that is another data set's test structure (bb's 1999 = aa's test 3)."""
+    config = _two_datasets(tmp_path)
+    inputs = ensure_inputs(config, ["bb"], overlap=True)
+    execute_run(config, RunSpec("pt/aa-8/t1", "aa", 8, 1, tmp_path / "pt", "pretrain", epochs=1))
+    stage = RunSpec(
+        "chain/aa-8.bb-10/t1",
+        "bb",
+        10,  # the whole pool once 1999 is out: every other pool entry must be there
+        1,
+        tmp_path / "stage",
+        kind="chain",
+        checkpoint=tmp_path / "pt" / "model.pt",
+        strategy="full",
+        epochs=1,
+    )
+    metrics = execute_run(config, stage, inputs=inputs)
+    assert metrics["n_excluded_overlap"] == 1
+    chosen = json.loads((tmp_path / "stage" / "subset_ids.json").read_text())
+    pool = {i for i in range(1000, 1012)} - {1000, 1001}
+    assert set(chosen["train"] + chosen["val"]) == pool  # 1999 absent, nothing else missing

@@ -103,6 +103,12 @@ def test_runs_know_their_inputs_and_groups(tmp_path):
         and plan[stage3.checkpoint].checkpoint == "pt/fe-941/t1"
     )
     assert "scratch/ebg-100/t1" in plan.runs and "scratch/bg-2000/t1" not in plan.runs
+    # a stage feeding another is pre-training for it; the final stage is not
+    assert plan["chain/fe-941.bg-2000/t1"].intermediate and not stage3.intermediate
+    assert "ft/pt-fe-941/ft-ebg-100/full-lr0.001/t1" in plan.requested["chains"]  # one-stage
+    clean = build_plan({**config, "exclude_test_overlap": True})
+    assert "overlap" in clean.inputs("chain/fe-941.bg-2000/t1")
+    assert "overlap" not in clean.inputs(stage3.id)
     with pytest.raises(KeyError, match="not part of the study"):
         plan["ft/nope/t1"]
 

@@ -348,6 +348,7 @@ class Run:
     variant: str | None = None  # MPT pre-training: all | without_<key>
     group: str | None = None  # cluster group (one sbatch job per PT model and its FTs)
     sampling: str = "random"  # fine-tunes: how the subset is drawn (tlmat.data.subset_ids)
+    intermediate: bool = False  # a chain stage that is no chain's final one: trains like PT
 
     @property
     def datasets(self) -> tuple[str, ...]:
@@ -481,7 +482,8 @@ class Plan:
             inputs["checkpoint"] = str(self.layout.run_dir(run.checkpoint) / "model.pt")
         elif run.external is not None:
             inputs["checkpoint"] = run.external
-        if run.kind == "mpt" or (run.kind == "pretrain" and self.config["exclude_test_overlap"]):
+        pretraining = run.kind == "pretrain" or run.intermediate
+        if run.kind == "mpt" or (pretraining and self.config["exclude_test_overlap"]):
             inputs["overlap"] = str(self.overlap)
         return inputs
 
@@ -704,9 +706,17 @@ def _mpt(plan: Plan, config: Mapping, ood: list[str]) -> list[Run]:
 
 def _chains(config: Mapping) -> list[Run]:
     """Every stage after the first of every chain (stage 1 is a PT run or an external
-    checkpoint); run ids name the whole prefix: chain/fe-941.bg-2000/t1."""
+    checkpoint); run ids name the whole prefix: chain/fe-941.bg-2000/t1.
+
+    A stage that is no chain's final one is a pre-training step for the next: it leaves out
+    the other data sets' test crystals as pre-training does (``intermediate``). A chain of
+    three or more stages also asks for the one-stage transfer from its first stage straight
+    to its final target (fe:941 -> ebg:800 beside fe:941 -> bg:5000 -> ebg:800).
+    """
+    chains = config["study"]["chains"]
+    finals = {_chain_prefix(chain["stages"]) for chain in chains}
     runs, strategies = [], {}
-    for n, chain in enumerate(config["study"]["chains"]):
+    for n, chain in enumerate(chains):
         stages, where = chain["stages"], f"study.chains[{n}]"
         if any(s.startswith("ext:") for s in stages[1:]):
             raise ValueError(f"config: {where}: only the first stage may be ext:<name>")
@@ -722,17 +732,32 @@ def _chains(config: Mapping) -> list[Run]:
                     "that uses another strategy"
                 )
             for t in _trials(config):
-                runs += _chain_stage(config, stages, k, chain["strategy"], t)
+                intermediate = prefix not in finals
+                runs += _chain_stage(config, stages, k, chain["strategy"], t, intermediate)
+        if len(stages) > 2 and not stages[0].startswith("ext:"):
+            runs += _one_stage(config, stages, chain["strategy"])
     return runs
 
 
+def _one_stage(config: Mapping, stages: list[str], strategy: str) -> list[Run]:
+    """The chain's first stage fine-tuned straight on its final target, every trial."""
+    src, pt_size = stages[0].split(":")
+    ds, size = stages[-1].split(":")
+    lr = finetune_lr(config)
+    return _with_pretrains(
+        config,
+        ((src, int(pt_size), ds, int(size), strategy, lr, t) for t in _trials(config)),
+    )
+
+
 def _chain_stage(
-    config: Mapping, stages: list[str], k: int, strategy: str, trial: int
+    config: Mapping, stages: list[str], k: int, strategy: str, trial: int, intermediate: bool
 ) -> list[Run]:
     """Stage ``k`` (2-based) of a chain, plus the PT run its first stage needs."""
     tags = [stage_tag(s) for s in stages[:k]]
     ds, size = stages[k - 1].split(":")
-    run = Run(f"chain/{'.'.join(tags)}/t{trial}", "chain", ds, int(size), trial, strategy=strategy)
+    run_id = f"chain/{'.'.join(tags)}/t{trial}"
+    run = Run(run_id, "chain", ds, int(size), trial, strategy=strategy, intermediate=intermediate)
     if k > 2:
         return [dataclasses.replace(run, checkpoint=f"chain/{'.'.join(tags[:-1])}/t{trial}")]
     first, value = stages[0].split(":")

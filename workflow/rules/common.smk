@@ -57,6 +57,11 @@ def run_inputs(wildcards):
     return {**PLAN.inputs(wildcards.run), "config": ancient(CONFIG)}
 
 
+def overlap_arg(wildcards, input):
+    """`--overlap FILE` for the runs the plan gives the overlap file (PT, chain stages)."""
+    return f"--overlap {input.overlap}" if "overlap" in input.keys() else ""
+
+
 def run_of(wildcards):
     return PLAN[wildcards.run]
 

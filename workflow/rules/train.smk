@@ -53,9 +53,7 @@ rule pretrain:
         out=f"{RUNS}/{{run}}",
         run=run_of,
         train=TRAIN_PARAMS,
-        overlap=lambda wc, input: (
-            f"--overlap {input.overlap}" if "overlap" in input.keys() else ""
-        ),
+        overlap=overlap_arg,
     shell:
         TRAIN_SHELL
         + " --kind pretrain --dataset {params.run.dataset} {params.overlap}"
@@ -161,7 +159,8 @@ rule chain_stage:
         out=f"{RUNS}/{{run}}",
         run=run_of,
         train=TRAIN_PARAMS,
+        overlap=overlap_arg,
     shell:
-        TRAIN_SHELL + " --kind chain --checkpoint {input.checkpoint}"
+        TRAIN_SHELL + " --kind chain --checkpoint {input.checkpoint} {params.overlap}"
         " --strategy {params.run.strategy} --dataset {params.run.dataset}"
         " --size {params.run.size} --trial {params.run.trial} > {log} 2>&1"

@@ -106,6 +106,16 @@ MAPE_COLUMNS: tuple[str, ...] = ("mape_mean", "mape_std", "mape_ci95")
 #: what an MPT fine-tune's model pre-trained on: whether the target's own labels were among
 #: them (never, by the plan) and how many labels there were
 MPT_PT_COLUMNS: tuple[str, ...] = ("target_in_pretraining", "pt_labels")
+#: a chain of 3+ stages beside the one-stage transfer from its first stage to its target
+#: (fe:941>ebg:800 beside fe:941>bg:5000>ebg:800), paired per trial
+ONE_STAGE_COLUMNS: tuple[str, ...] = (
+    "one_stage_chain",
+    "one_stage_n",
+    "one_stage_r2_mean",
+    "one_stage_mae_mean",
+    "gain_mae_vs_one_stage",
+    "p_mae_paired_t_vs_one_stage",
+)
 MPT_VS_PAIRWISE_COLUMNS: tuple[str, ...] = (
     "best_pairwise_source",
     "best_pairwise_pt_size",
@@ -137,7 +147,14 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
         *GAIN_COLUMNS,
         *MPT_VS_PAIRWISE_COLUMNS,
     ),
-    "chains": (*CHAIN_KEYS, "n_stages", *STAT_COLUMNS, *MAPE_COLUMNS, *GAIN_COLUMNS),
+    "chains": (
+        *CHAIN_KEYS,
+        "n_stages",
+        *STAT_COLUMNS,
+        *MAPE_COLUMNS,
+        *GAIN_COLUMNS,
+        *ONE_STAGE_COLUMNS,
+    ),
     "headline": headline.HEADLINE_COLUMNS,
     "comparison": compare.COMPARISON_COLUMNS,
 }
@@ -479,7 +496,41 @@ def chains_table(runs: pd.DataFrame, defaults: StudyDefaults) -> pd.DataFrame:
     ]
     table = table.merge(pd.DataFrame(mape), on=list(CHAIN_KEYS), how="left")
     table["n_stages"] = table["chain"].str.count(">")
+    ft = of_kind(runs, "finetune")
+    one_stage = [_vs_one_stage(row, tl, ft[lr_is(ft, defaults.lr)]) for _, row in table.iterrows()]
+    table = pd.concat(
+        [table, pd.DataFrame(one_stage, columns=list(ONE_STAGE_COLUMNS), index=table.index)],
+        axis=1,
+    )
     return table[columns]
+
+
+def _vs_one_stage(row: pd.Series, chains: pd.DataFrame, finetunes: pd.DataFrame) -> dict:
+    """The one-stage transfer from the chain's first stage straight to its final target."""
+    stages = str(row["chain"]).split(">")
+    if len(stages) < 3 or "chain" not in finetunes.columns:
+        return {}
+    direct = f"{stages[0]}>{stages[-1]}"
+    theirs = finetunes[
+        (finetunes["chain"] == direct)
+        & (finetunes["model"] == row["model"])
+        & (finetunes["strategy"] == row["strategy"])
+    ]
+    if theirs.empty:
+        return {"one_stage_chain": direct, "one_stage_n": 0}
+    mine = chains[(chains["chain"] == row["chain"]) & (chains["model"] == row["model"])]
+    paired = mine.merge(theirs[[*PAIR_KEYS, "test_mae"]], on=list(PAIR_KEYS), suffixes=("", "_ref"))
+    mae = theirs["test_mae"].mean()
+    return {
+        "one_stage_chain": direct,
+        "one_stage_n": len(theirs),
+        "one_stage_r2_mean": theirs["test_r2"].mean(),
+        "one_stage_mae_mean": mae,
+        "gain_mae_vs_one_stage": stats.relative_gain(row["mae_mean"], mae, lower_is_better=True),
+        "p_mae_paired_t_vs_one_stage": stats.paired_p_value(
+            paired["test_mae"], paired["test_mae_ref"]
+        ),
+    }
 
 
 #: tables that get the published mean/std/n of the same cell, with their cell keys
