@@ -56,13 +56,26 @@ def test_config_yaml_runs_train_with_the_papers_batch_and_lr(kind, size, batch, 
 
 
 def test_a_run_records_its_batch_size_and_selection(tmp_path):
-    # batch 2, not 1: the synthetic crystals include one-atom cells, and BatchNorm cannot
-    # train on a batch of one row
     synthetic_data_dir(tmp_path, {"syn": 40})
     config = tiny_config(tmp_path, ["syn"], "train.batch_size_by_size=[[10, 1], [100, 2]]")
     spec = runs.RunSpec("scratch/syn-20/t1", "syn", 20, 1, tmp_path / "run")
     metrics = runs.execute_run(config, spec, progress=False)
     assert metrics["batch_size"] == 2 and metrics["select"] == "best_val"
+
+
+def test_batch_of_one_trains_on_a_one_atom_crystal(tmp_path):
+    """Batch 1 (FT 10) on a one-atom cell: the atom-level BatchNorm sees one row, so that
+    step runs it on its running statistics instead of failing."""
+    synthetic_data_dir(tmp_path, {"syn": 40})
+    config = tiny_config(tmp_path, ["syn"], "train.batch_size_by_size=[[10, 1]]")
+    spec = runs.RunSpec("scratch/syn-10/t1", "syn", 10, 1, tmp_path / "run")
+    metrics = runs.execute_run(config, spec, progress=False)
+    assert metrics["batch_size"] == 1 and metrics["epochs_run"] == 3
+    model = build_model(ModelConfig(hidden=8, embedding=4, alignn_layers=1, gcn_layers=1))
+    model.train()
+    train._batchnorm_eval(model)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert norms and not any(m.training for m in norms)
 
 
 # ----------------------------------------------------------------------------- selection

@@ -333,11 +333,16 @@ def fit(
         running, seen = 0.0, 0
         for batch in train_loader:
             batch = batch.to(device)
+            one_atom = batch.num_nodes < 2
+            if one_atom:  # batch 1 on a one-atom crystal: no batch statistics exist
+                _batchnorm_eval(model)
             optimizer.zero_grad(set_to_none=True)
             loss = masked_mse(targets.predict(model, batch), targets.standardized(batch))
             loss.backward()
             optimizer.step()
             scheduler.step()
+            if one_atom:
+                model.train()
             running += float(loss.detach()) * batch.num_graphs
             seen += batch.num_graphs
         val_loss, val_mae = _evaluate_loss(model, targets, val_loader, device)
@@ -377,6 +382,19 @@ def fit(
         selected = state.epoch
     history = pd.DataFrame(state.rows)
     return FitResult(state.best_epoch, len(state.rows), state.best_loss, history, selected)
+
+
+def _batchnorm_eval(model: torch.nn.Module) -> None:
+    """BatchNorm layers to eval mode (running statistics) for one step.
+
+    A training batch of a single one-atom crystal (``batch_size`` 1) gives the atom-level
+    BatchNorm one row, whose batch variance does not exist; torch refuses it, as the paper's
+    ALIGNN code would. That step uses the running statistics instead, and leaves them as
+    they are.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
 
 
 def _stopped_early(state: _Progress, settings: TrainSettings) -> bool:
