@@ -288,6 +288,20 @@ def run_sampling(config: Mapping, kind: str) -> str:
     return plan.finetune_sampling(config) if kind == "finetune" else "random"
 
 
+def capped_to_pool(
+    spec: RunSpec, cache: GraphCache, splits: Mapping, excluded: set[int]
+) -> RunSpec:
+    """A PT size above its pool trains on the whole pool, and is drawn and seeded as the
+    pool's size: every PT size that caps to the same pool is then one and the same run
+    (subset, split and seed), not noise replicates labelled with sizes never trained on.
+    ``metrics.json`` keeps the requested size and records the actual one (``n_train`` +
+    ``n_val``, and ``pt_n`` of the fine-tunes)."""
+    if spec.kind != "pretrain":
+        return spec
+    pool = set(cache.ids.tolist()) - {int(i) for i in splits["test"]} - excluded
+    return dataclasses.replace(spec, size=min(spec.size, len(pool)))
+
+
 def run_seed(config: Mapping, spec: RunSpec) -> int:
     """Model-initialisation and shuffling seed of a run, derived from the config seed."""
     rng = seeded_rng(config["seed"], "run", spec.dataset, spec.size, spec.trial, spec.kind)
@@ -463,11 +477,12 @@ def execute_run(
     # stage that is no chain's final one), leave out other data sets' test crystals
     excludes = spec.kind == "pretrain" or (spec.kind == "chain" and inputs.overlap is not None)
     excluded = pretrain_pool_exclusions(config, spec.dataset, inputs.overlap) if excludes else set()
-    train_g, val_g, test_g, test_ids = _split_graphs(config, spec, cache, splits, excluded)
+    drawn = capped_to_pool(spec, cache, splits, excluded)
+    train_g, val_g, test_g, test_ids = _split_graphs(config, drawn, cache, splits, excluded)
     if not test_g:
         raise DataError(f"{spec.dataset}: the held-out test set is empty")
 
-    seed = run_seed(config, spec)
+    seed = run_seed(config, drawn)
     torch.manual_seed(seed)
     model, lineage = _build_or_load_model(config, spec, featurizer)
     scaler = TargetScaler.fit(targets_of(train_g))

@@ -220,6 +220,14 @@ def _sweep_ft_size(sweep: pd.DataFrame) -> pd.DataFrame:
     return sweep.merge(chosen[[*keys, "size"]], on=[*keys, "size"])
 
 
+def _trained_pt_size(table: pd.DataFrame) -> pd.Series:
+    """The PT structures actually trained on (``pt_n``), else the requested PT size."""
+    requested = table["pt_size"].astype(float)
+    if "pt_n" not in table.columns:
+        return requested
+    return pd.to_numeric(table["pt_n"], errors="coerce").fillna(requested)
+
+
 def plot_r2_vs_pt_size(sweep: pd.DataFrame, meta: Meta, out_dir: Path, stem: str) -> list[Path]:
     """R² vs PT-set size per swept source; dotted lines mark each target's scratch R²."""
     sources = swept_sources(sweep)
@@ -230,16 +238,16 @@ def plot_r2_vs_pt_size(sweep: pd.DataFrame, meta: Meta, out_dir: Path, stem: str
     for ax, source in zip(axes, sources, strict=True):
         block = sweep[sweep["pt_dataset"] == source]
         for (target, size), lines in block.groupby(["dataset", "size"], sort=True):
-            lines = lines.sort_values("pt_size")
+            lines = lines.assign(x=_trained_pt_size(lines)).sort_values("x")
             label = f"{prop_label(target, meta, units=False)} (FT n={size})"
-            curve(ax, lines["pt_size"], lines, "r2", color=colors[target], label=label)
+            curve(ax, lines["x"], lines, "r2", color=colors[target], label=label)
             scratch_r2 = lines["scratch_r2_mean"].dropna()
             if len(scratch_r2):
                 ax.axhline(scratch_r2.iloc[0], color=colors[target], linestyle=":", linewidth=1)
-        log_x_at(ax, block["pt_size"], "{x:.0f}")
+        log_x_at(ax, _trained_pt_size(block), "{x:.0f}")
         clip_r2_axis(ax, block["r2_mean"])
         ax.set_title(f"PT source: {prop_label(source, meta, units=False)}")
-        ax.set_xlabel("Pre-training set size")
+        ax.set_xlabel("Pre-training structures (actually trained on)")
         ax.set_ylabel("Test R²")
     legend_outside(fig, axes, "FT target (dotted line: scratch R²)", ncols=2)
     fig.suptitle("Test R² vs pre-training set size (mean ± 95 % CI over trials)")

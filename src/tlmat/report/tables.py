@@ -135,7 +135,7 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     "scratch": (*SCRATCH_KEYS, *STAT_COLUMNS),
     "pairwise_grid": (*GRID_KEYS, *STAT_COLUMNS, *GAIN_COLUMNS),
     "ft_size_sweep": (*FT_SWEEP_KEYS, *STAT_COLUMNS),
-    "pt_size_sweep": (*PT_SWEEP_KEYS, *STAT_COLUMNS, *GAIN_COLUMNS),
+    "pt_size_sweep": (*PT_SWEEP_KEYS, "pt_n", *STAT_COLUMNS, *GAIN_COLUMNS),
     "strategies": (*STRATEGY_KEYS, *STAT_COLUMNS, *GAIN_COLUMNS),
     "unfrozen_layers": (*UNFROZEN_KEYS, "unfrozen_children", *STAT_COLUMNS, *GAIN_COLUMNS),
     "learning_rate": (*LR_KEYS, *STAT_COLUMNS, *GAIN_COLUMNS),
@@ -275,7 +275,27 @@ def pt_size_sweep(runs: pd.DataFrame, defaults: StudyDefaults) -> pd.DataFrame:
     ft = of_kind(runs, "finetune")
     untagged = (ft["strategy"] == defaults.strategy) & lr_is(ft, defaults.lr)
     tl = by_family(ft, ["pairwise", "pt_size_sweep"], untagged)
-    return summarize_with_gain(tl, scratch_runs(runs, defaults), PT_SWEEP_KEYS)
+    table = summarize_with_gain(tl, scratch_runs(runs, defaults), PT_SWEEP_KEYS)
+    return _actual_pt_sizes(table, tl)
+
+
+def _actual_pt_sizes(table: pd.DataFrame, tl: pd.DataFrame) -> pd.DataFrame:
+    """``pt_n``: the structures the PT models really trained on (NaN where unrecorded, as in
+    published runs). PT sizes above the pool train on the pool as one and the same run
+    (tlmat.runs.capped_to_pool), so of the sizes that cap to the same pool only the
+    smallest is kept: one row per size actually trained on, never replicates labelled
+    with sizes that never were."""
+    columns = list(TABLE_COLUMNS["pt_size_sweep"])
+    if "pt_n" not in tl.columns:
+        return table.assign(pt_n=pd.NA)[columns]
+    actual = tl.groupby(list(PT_SWEEP_KEYS), dropna=False)["pt_n"].mean().rename("pt_n")
+    table = table.merge(actual.reset_index(), on=list(PT_SWEEP_KEYS), how="left")[columns]
+    recorded = table["pt_n"].notna()
+    cell = ["model", "pt_dataset", "dataset", "size", "pt_n"]
+    capped = recorded & table.sort_values("pt_size").duplicated(cell).reindex(table.index)
+    if capped.any():
+        log.info("PT-size sweep: %d rows capped to a pool already listed, dropped", capped.sum())
+    return table[~capped].reset_index(drop=True)
 
 
 def strategies(runs: pd.DataFrame, defaults: StudyDefaults) -> pd.DataFrame:
