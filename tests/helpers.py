@@ -60,6 +60,7 @@ def pairwise_study(keys: list[str], trials: int) -> dict:
                     "strategies",
                     "unfrozen_layers",
                     "learning_rate",
+                    "sampling",
                     "mpt",
                     "chains",
                 )

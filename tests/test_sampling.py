@@ -5,6 +5,7 @@ the sampling table."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from tlmat.config import load_config
 from tlmat.data import STRATA, make_splits, quantile_bins, seeded_rng, subset_ids
 from tlmat.plan import SUBSET_IDS, build_plan
 from tlmat.report.runs import collect_runs
-from tlmat.report.tables import learning_rate, sampling_table
+from tlmat.report.tables import build_tables, sampling_table
 from tlmat.runs import RunSpec, execute_run
 
 ROOT = Path(__file__).parents[1]
@@ -127,7 +128,10 @@ def test_sampling_table_rows_and_comparison_with_random(tmp_path):
         (1.2 - 2.9 / 3) / 1.2 * 100
     )
     assert table.loc["stratified", "n_pairs"] == 3  # paired with the (random) scratch runs
-    # stratified runs stay out of every other table
-    lr_table = learning_rate(runs, DEFAULTS)
-    cell = lr_table[(lr_table["pt_dataset"] == "bg") & (lr_table["size"] == 500)]
-    assert cell["n"].tolist() == [3]
+    # stratified runs stay out of every other table, unless they are the plain ones
+    for defaults, mae in ((DEFAULTS, 1.2), (replace(DEFAULTS, sampling="stratified"), 2.9 / 3)):
+        tables = build_tables(runs, defaults)
+        lr_table = tables["learning_rate"]
+        cell = lr_table[(lr_table["pt_dataset"] == "bg") & (lr_table["size"] == 500)]
+        assert cell["n"].tolist() == [3] and cell["mae_mean"].tolist() == [pytest.approx(mae)]
+        assert len(tables["sampling"]) == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -29,6 +30,7 @@ TINY_STUDY = {
         "strategies": {"pairs": [["aa", "bb"]], "names": ["full", "last_layer", "new_head"]},
         "unfrozen_layers": {"pairs": [["aa", "bb"]], "freeze_before": [2, 7]},
         "learning_rate": {"pairs": [["bb", "cc"]], "lrs": [0.0005, 0.001], "ft_size": 20},
+        "sampling": {"pairs": [["bb", "cc"]], "ft_size": 20, "lr": 0.001},
         "mpt": {"variants": ["all", "without_aa"], "targets": ["aa", "bb", OOD], "pt_size": 20},
         "ood_targets": [OOD],
         "chains": [{"stages": ["aa:30", "bb:20", "cc:20"]}, {"stages": ["bb:30", "cc:20"]}],
@@ -105,6 +107,18 @@ def test_tables_cover_the_whole_grid(study):
     assert "pairwise_r2_cgcnn.png" in figures and "parity_cgcnn.pdf" in figures
     assert "unfrozen_layers_cgcnn.png" in figures
     assert all((study / "results" / "figures" / f).stat().st_size > 1000 for f in figures)
+
+
+def test_sampling_runs_reach_their_table_and_write_their_subsets(study):
+    sampling = pd.read_csv(study / "results/tables/sampling.csv")  # random: the grid's runs
+    assert sorted(sampling["sampling"]) == ["random", "stratified"] and (sampling["n"] == 2).all()
+    assert (sampling["n_pairs"] == 2).all()
+    assert sampling.loc[sampling["sampling"] == "stratified", "n_pairs_vs_random"].tolist() == [2]
+    stratified = study / "results/runs/ft/pt-bb-30/ft-cc-20/full-lr0.001-stratified/t1"
+    record = json.loads((stratified / "subset_ids.json").read_text())
+    metrics = json.loads((stratified / "metrics.json").read_text())
+    assert record["sampling"] == metrics["sampling"] == "stratified"
+    assert len(record["train"]) == metrics["n_train"] and len(record["val"]) == metrics["n_val"]
 
 
 def test_comparison_with_published_runs(study):

@@ -411,11 +411,7 @@ def write_subset_ids(spec: RunSpec, train_ids: Sequence[int], val_ids: Sequence[
     return path
 
 
-def _split_graphs(
-    config: Mapping, spec: RunSpec, cache: GraphCache, splits: Mapping, excluded: set[int]
-):
-    train_ids, val_ids = split_ids(config, spec, cache, splits, excluded)
-    write_subset_ids(spec, train_ids, val_ids)
+def _split_graphs(cache: GraphCache, splits: Mapping, train_ids: list[int], val_ids: list[int]):
     test_ids = [int(i) for i in splits["test"]]
     return cache.graphs(train_ids), cache.graphs(val_ids), cache.graphs(test_ids), test_ids
 
@@ -478,7 +474,8 @@ def execute_run(
     excludes = spec.kind == "pretrain" or (spec.kind == "chain" and inputs.overlap is not None)
     excluded = pretrain_pool_exclusions(config, spec.dataset, inputs.overlap) if excludes else set()
     drawn = capped_to_pool(spec, cache, splits, excluded)
-    train_g, val_g, test_g, test_ids = _split_graphs(config, drawn, cache, splits, excluded)
+    train_ids, val_ids = split_ids(config, drawn, cache, splits, excluded)
+    train_g, val_g, test_g, test_ids = _split_graphs(cache, splits, train_ids, val_ids)
     if not test_g:
         raise DataError(f"{spec.dataset}: the held-out test set is empty")
 
@@ -487,6 +484,7 @@ def execute_run(
     model, lineage = _build_or_load_model(config, spec, featurizer)
     scaler = TargetScaler.fit(targets_of(train_g))
     resume = resume_state(config, spec, seed, settings)
+    write_subset_ids(drawn, train_ids, val_ids)  # once the model is ready, before training
     result = fit(model, spec.dataset, train_g, val_g, scaler, settings, seed, progress, resume)
 
     prediction = predict(model, spec.dataset, test_g, scaler, device=resolve_model_device(model))

@@ -37,6 +37,7 @@ def study_defaults(config: Mapping) -> StudyDefaults:
         lr=finetune_lr(config),
         strategy=finetune_strategy(config),
         lr_strategies=tuple(config["study"]["learning_rate"]["strategies"]),
+        sampling=config["finetune"].get("sampling", "random"),
     )
 
 

@@ -100,6 +100,8 @@ class StudyDefaults:
             strategies``); empty means ``strategy`` alone.
         scratch_lr: if set, only scratch runs with this learning rate form the baseline; needed
             only when scratch runs were repeated at several learning rates.
+        sampling: how the plain fine-tunes drew their subsets (``finetune.sampling``); fine-tunes
+            drawn otherwise belong to the sampling table only.
     """
 
     pt_size: int | Mapping[str, int] | None
@@ -107,6 +109,7 @@ class StudyDefaults:
     strategy: str = "full"
     scratch_lr: float | None = None
     lr_strategies: tuple[str, ...] = ()
+    sampling: str = "random"
 
 
 # ----------------------------------------------------------------------------- collection
@@ -200,14 +203,22 @@ def _coerce_types(frame: pd.DataFrame) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- selection
 
 
-def of_kind(runs: pd.DataFrame, kind: str, sampling: str | None = "random") -> pd.DataFrame:
-    """The runs of one kind (``scratch``, ``finetune``, …) whose subsets were drawn with
-    ``sampling`` (None: any). Only the sampling table asks for other than random draws, so
-    every other table compares runs on the same (published or seeded random) subsets."""
+def of_kind(runs: pd.DataFrame, kind: str, sampling: str | None = None) -> pd.DataFrame:
+    """The runs of one kind (``scratch``, ``finetune``, …), drawn with ``sampling`` if given."""
     runs = runs[runs["kind"] == kind]
     if sampling is None or "sampling" not in runs.columns:
         return runs
     return runs[runs["sampling"].fillna("random") == sampling]
+
+
+def with_default_sampling(runs: pd.DataFrame, defaults: StudyDefaults) -> pd.DataFrame:
+    """Every run but the fine-tunes whose subsets were drawn otherwise than the plain ones
+    (``defaults.sampling``): what every table but the sampling table reads, so the others
+    never mix subsets drawn two ways."""
+    if "sampling" not in runs.columns:
+        return runs
+    other = (runs["kind"] == "finetune") & (runs["sampling"].fillna("random") != defaults.sampling)
+    return runs[~other]
 
 
 def lr_is(frame: pd.DataFrame, lr: float) -> pd.Series:

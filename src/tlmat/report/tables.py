@@ -48,6 +48,7 @@ from tlmat.report.runs import (
     plain_finetune_runs,
     pt_size_is_default,
     scratch_runs,
+    with_default_sampling,
 )
 
 log = logging.getLogger(__name__)
@@ -590,8 +591,9 @@ def build_tables(
 
 def _study_tables(runs: pd.DataFrame, defaults: StudyDefaults) -> dict[str, pd.DataFrame]:
     """The tables computed from one set of runs (ours, or the published ones to compare)."""
+    every, runs = runs, with_default_sampling(runs, defaults)  # the sampling table reads all
     return {
-        "runs": runs,
+        "runs": every,
         "scratch": scratch_table(runs, defaults),
         "pairwise_grid": pairwise_grid(runs, defaults),
         "ft_size_sweep": ft_size_sweep(runs, defaults),
@@ -599,7 +601,7 @@ def _study_tables(runs: pd.DataFrame, defaults: StudyDefaults) -> dict[str, pd.D
         "strategies": strategies(runs, defaults),
         "unfrozen_layers": unfrozen_layers(runs, defaults),
         "learning_rate": learning_rate(runs, defaults),
-        "sampling": sampling_table(runs, defaults),
+        "sampling": sampling_table(every, defaults),
         "mpt": mpt_table(runs, defaults),
         "chains": chains_table(runs, defaults),
     }
