@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -228,6 +229,8 @@ def test_mpt_pretraining_merges_shared_crystals_and_keeps_test_crystals_out(mpt_
     assert payload["model_config"]["heads"] == ["aa", "bb"]
     assert set(payload["target_stats"]) == {"aa", "bb"}
     assert payload["lineage"][0]["dataset"] == "mpt_all"
+    subsets = json.loads((out / "subset_ids.json").read_text())  # per source: ids are per set
+    assert set(subsets["sources"]) == {"aa", "bb"} and subsets["run_id"] == "mpt/all-100/pt/t1"
 
     # the guard: a bb entry that is an aa test crystal never enters pre-training
     aa_test = set(inputs.splits_of("aa")["test"])

@@ -17,6 +17,7 @@ fine-tunes on X from a model pre-trained without X).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,10 +29,11 @@ from torch_geometric.data import Data
 
 from tlmat import runs
 from tlmat.data import DataError, train_val_split
+from tlmat.files import atomic_write_text
 from tlmat.leakage import load_overlap
 from tlmat.metrics import regression_metrics
 from tlmat.models import ModelConfig, build_model
-from tlmat.plan import variant_name, variant_sources
+from tlmat.plan import SUBSET_IDS, variant_name, variant_sources
 from tlmat.train import Stopwatch, TargetScaler, TrainSettings, fit, predict
 
 log = logging.getLogger(__name__)
@@ -122,6 +124,22 @@ def source_split(
     return SourceSplit(train, val, [int(i) for i in splits["test"]], len(excluded))
 
 
+def write_source_subsets(run: runs.RunSpec, parts: Mapping[str, SourceSplit]) -> Path:
+    """``<run dir>/subset_ids.json`` of an MPT pre-training: per source data set, the ids of
+    its train and val subsets (ids are per data set, so they are not pooled)."""
+    path = Path(run.out_dir) / SUBSET_IDS
+    record = {
+        "run_id": run.run_id,
+        "dataset": run.dataset,
+        "size": run.size,
+        "trial": run.trial,
+        "sampling": "random",
+        "sources": {ds: {"train": part.train, "val": part.val} for ds, part in parts.items()},
+    }
+    atomic_write_text(path, json.dumps(record, indent=1))
+    return path
+
+
 @dataclasses.dataclass(frozen=True)
 class MPTSpec:
     """One MPT pre-training run: variant, per-source subset size, trial, output dir."""
@@ -197,6 +215,7 @@ def execute_mpt(
     seed = runs.run_seed(config, run)
     torch.manual_seed(seed)
     model = build_model(_model_config(config, heads, featurizer))
+    write_source_subsets(run, parts)
     result = fit(
         model,
         heads,
