@@ -39,7 +39,9 @@ def test_full_study_runs_per_family():
     assert counts["sampling"] == (3 + 40, 20)
     # 8 models; X only from without_X, JARVIS 2D only from all: 8 targets x 5 sizes x 5 trials
     assert counts["mpt"] == (8 + 200, 8 + 200)
-    assert counts["chains"] == (2 + 15, 15)  # the FE and BG PT models are the sweep's
+    # 3 stage runs x 5 trials, + FE:941 -> EBG:800 straight (the grid's), beside the chain;
+    # the FE and BG PT models are the sweep's
+    assert counts["chains"] == (2 + 15 + 5, 15)
     kinds = {kind: len(plan.of_kind(kind)) for kind in ("pretrain", "finetune", "chain")}
     assert kinds == {"pretrain": 17, "finetune": 1225 + 300 + 400 + 700 + 255 + 20, "chain": 15}
 

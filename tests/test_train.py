@@ -24,7 +24,10 @@ def test_tiny_model_overfits_twenty_structures():
     graphs = cache.graphs(range(20))
     torch.manual_seed(0)
     model = build_model(
-        ModelConfig(hidden=32, embedding=16, alignn_layers=1, gcn_layers=1, heads=("y",))
+        # one readout layer: the trainer, not the paper's readout-free head, is under test
+        ModelConfig(
+            hidden=32, embedding=16, alignn_layers=1, gcn_layers=1, readout_layers=1, heads=("y",)
+        )
     )
     scaler = TargetScaler.fit(targets_of(graphs))
     settings = TrainSettings(epochs=150, batch_size=20, lr=1e-2, weight_decay=0.0, patience=150)
@@ -47,6 +50,7 @@ def test_run_writes_outputs_in_data_units(tmp_path):
         "metrics.json",
         "model.pt",
         "predictions.csv",
+        "subset_ids.json",
     ]
     stored = json.loads((spec.out_dir / "metrics.json").read_text())
     assert stored == json.loads(json.dumps(metrics))
