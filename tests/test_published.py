@@ -252,3 +252,18 @@ def test_study_tables_with_published_columns_and_parity_figure(tmp_path) -> None
         "published_parity_alignn.png",
         "published_parity_alignn.pdf",
     ]
+
+
+def test_the_papers_findings_read_off_its_own_runs(tables) -> None:
+    """The findings section on the published runs: paper scale, and the strategy ranking
+    the paper states (all ≈ 2B > 3B > last layer) at the largest FT size."""
+    from tlmat.report.findings import findings_rows, study_scale
+
+    assert study_scale(tables["runs"]) == "paper scale"
+    rows = {row[0]: row[1] for row in findings_rows(tables)}
+    order = rows["full ≈ unfreeze_2body > unfreeze_3body > last_layer"]
+    names = [part.split()[0] for part in order.removeprefix("mean R²: ").split(" > ")]
+    assert names[:3] == ["full", "unfreeze_2body", "unfreeze_3body"] and names[-1] == "last_layer"
+    assert rows["unfreezing all layers (`full`) is the best strategy"].endswith("of 20 cells")
+    headline_row = rows["pair-wise TL beats scratch: +28.4 % R², +17.1 % MAE on average"]
+    assert headline_row.startswith("+23.9 % R², +17.4 % MAE")

@@ -88,7 +88,8 @@ def test_tables_cover_the_whole_grid(study):
     assert (grid["n"] == 2).all() and grid["r2_mean"].notna().all()
     assert grid["gain_mae"].notna().all() and grid["p_mae_paired_t"].notna().any()
     strategies = pd.read_csv(tables / "strategies.csv")
-    assert set(strategies["strategy"]) == {"full", "last_layer", "new_head"}
+    # + new_head_freeze: the learning-rate family's run of bb -> cc at the default rate
+    assert set(strategies["strategy"]) == {"full", "last_layer", "new_head", "new_head_freeze"}
     unfrozen = pd.read_csv(tables / "unfrozen_layers.csv")
     assert sorted(unfrozen["freeze_before"]) == [2, 7] and (unfrozen["n"] == 2).all()
     assert set(pd.read_csv(tables / "pt_size_sweep.csv")["pt_size"]) == {20, 30}
@@ -100,6 +101,8 @@ def test_tables_cover_the_whole_grid(study):
     assert chains.loc["aa:30>bb:20", "n_stages"] == 1
     final = chains.loc[["aa:30>bb:20>cc:20", "bb:30>cc:20"]]
     assert (final["n_pairs"] == 2).all() and final["mape_mean"].notna().all()
+    three = chains.loc["aa:30>bb:20>cc:20"]  # beside the one-stage transfer aa -> cc
+    assert (three["one_stage_chain"], three["one_stage_n"]) == ("aa:30>cc:20", 2)
     figures = sorted(p.name for p in (study / "results" / "figures").iterdir())
     assert {"chains_cgcnn.png", "chain_curves_cgcnn.png", "mpt_cgcnn.png"} <= set(figures)
     assert "pairwise_r2_cgcnn.png" in figures and "parity_cgcnn.pdf" in figures

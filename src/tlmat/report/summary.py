@@ -15,6 +15,7 @@ import pandas as pd
 
 from tlmat.report import compare, stats
 from tlmat.report.cells import ablation_cells, best_sources, mpt_transfer_rows
+from tlmat.report.findings import FINDINGS_HEADER, findings_rows, study_scale
 from tlmat.report.names import RUN_KINDS
 
 Meta = Mapping[str, Mapping[str, str]]
@@ -289,6 +290,17 @@ def summary_markdown(tables: Mapping[str, pd.DataFrame], meta: Meta | None = Non
         f"{stats.ALPHA}.",
         "",
     ]
+    scale = study_scale(tables.get("runs"))
+    smoke = " At smoke scale they check that every comparison runs; they are not evidence."
+    parts += _section(
+        f"The paper's findings, tested here ({scale})",
+        findings_rows(tables),
+        list(FINDINGS_HEADER),
+        extra=[
+            "Each finding of the paper beside what these runs show, by the stated criterion."
+            + (smoke if scale.startswith("smoke") else "")
+        ],
+    )
     parts += _section(
         "Pair-wise PT → FT grid vs scratch",
         _grid_rows(grid) if not grid.empty else [],
