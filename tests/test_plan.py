@@ -212,3 +212,10 @@ def test_slurm_profile_names_real_rules_and_groups():
         pts = [run for run in members if run.kind == "pretrain"]
         assert len(pts) == 1 and re.fullmatch(r"pt\.[a-z0-9_]+-\d+-t\d+", group)
         assert all(run.checkpoint == pts[0].id for run in members if run is not pts[0])
+
+
+def test_mpt_pretrains_on_every_structure_by_default():
+    plan = build_plan(_config("config.yaml"))
+    model = plan["mpt/without_dc-all/pt/t1"]  # study.mpt.pt_size: null, as the paper
+    assert model.size >= 10**9 and "dc" not in model.sources  # capped at each source's pool
+    assert plan["mpt/without_dc-all/ft-dc-800/new_head-lr0.001/t1"].checkpoint == model.id

@@ -401,9 +401,18 @@ def sampled(run: Run, sampling: str) -> Run:
     return dataclasses.replace(run, id=f"{head}-{sampling}/{trial}", sampling=sampling)
 
 
+MPT_EVERY_STRUCTURE = 10**9
+"""``study.mpt.pt_size: null``: a size above every pool, so each source gives all it has
+(PT subsets are capped at the pool); run ids say ``all``."""
+
+
+def mpt_size_tag(pt_size: int) -> str:
+    return "all" if pt_size == MPT_EVERY_STRUCTURE else str(pt_size)
+
+
 def mpt_run(config: Mapping, variant: str, pt_size: int, trial: int) -> Run:
     return Run(
-        f"mpt/{variant}-{pt_size}/pt/t{trial}",
+        f"mpt/{variant}-{mpt_size_tag(pt_size)}/pt/t{trial}",
         "mpt",
         variant_name(variant),
         pt_size,
@@ -417,14 +426,15 @@ def mpt_finetune_run(
     variant: str, pt_size: int, ds: str, size: int, strategy: str, lr: float, trial: int, pt_trial
 ) -> Run:
     return Run(
-        f"mpt/{variant}-{pt_size}/ft-{ds}-{size}/{strategy_tag(strategy)}-lr{lr_tag(lr)}/t{trial}",
+        f"mpt/{variant}-{mpt_size_tag(pt_size)}/ft-{ds}-{size}/{strategy_tag(strategy)}"
+        f"-lr{lr_tag(lr)}/t{trial}",
         "mpt_finetune",
         ds,
         size,
         trial,
         strategy=strategy,
         lr=lr,
-        checkpoint=f"mpt/{variant}-{pt_size}/pt/t{pt_trial}",
+        checkpoint=f"mpt/{variant}-{mpt_size_tag(pt_size)}/pt/t{pt_trial}",
     )
 
 
@@ -677,7 +687,7 @@ def _mpt(plan: Plan, config: Mapping, ood: list[str]) -> list[Run]:
     targets = family["targets"] or [*study["datasets"], *ood]
     check_keys(config, "study.mpt.targets", targets)
     check_keys(config, "study.mpt.sources", family["sources"] or [])
-    pt_size = family["pt_size"] or study["pt_size"]
+    pt_size = family["pt_size"] or MPT_EVERY_STRUCTURE  # null: every structure, as the paper
     runs = []
     for variant in mpt_variants(config):
         seen = variant_sources(config, variant)
