@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from tlmat.plan import KINDS
+
 #: every table written by :func:`tlmat.report.tables.write_tables`, as ``<name>.csv``, in the
 #: order they are built and written (``runs`` is the run records themselves)
 TABLE_NAMES: tuple[str, ...] = (
@@ -31,7 +33,8 @@ TABLE_NAMES: tuple[str, ...] = (
 SUMMARY_NAME = "summary.md"
 
 #: run kinds of a ``metrics.json`` (anything else is rejected when runs are collected)
-RUN_KINDS: tuple[str, ...] = ("scratch", "pretrain", "finetune", "mpt", "mpt_finetune", "chain")
+#: the kinds of run a study plans (one list: tlmat.plan's)
+RUN_KINDS: tuple[str, ...] = KINDS
 
 
 class FigureSource(NamedTuple):
