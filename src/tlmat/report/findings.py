@@ -77,17 +77,18 @@ def full_is_best(strategies: pd.DataFrame) -> list[str] | None:
 
 
 def strategy_order(strategies: pd.DataFrame) -> list[str] | None:
-    """Mean R² per strategy at each target's largest FT size (small FT sizes give R² far
-    below zero that would swamp the ranking)."""
-    cells = _cells(at_largest_size(strategies), "strategy") if not strategies.empty else []
+    """Mean R² per strategy over the compared cells, at each pair's largest compared FT size
+    (small FT sizes give R² far below zero that would swamp the ranking)."""
+    cells = _cells(strategies, "strategy")
     if not cells:
         return None
-    means = pd.concat(cells).groupby("strategy")["r2_mean"].mean().sort_values(ascending=False)
+    compared = at_largest_size(pd.concat(cells), by=("model", "pt_dataset", "dataset"))
+    means = compared.groupby("strategy")["r2_mean"].mean().sort_values(ascending=False)
     order = " > ".join(f"{name} {value:.2f}" for name, value in means.items())
     return [
         "full ≈ unfreeze_2body > unfreeze_3body > last_layer",
         f"mean R²: {order}",
-        "strategies.csv at each target's largest FT size, mean over the compared cells",
+        "strategies.csv, mean over the compared pairs at their largest compared FT size",
     ]
 
 
