@@ -56,14 +56,14 @@ def test_quick_study_runs_per_family():
         "scratch": 14,
         "pairwise": 7 + 84,
         "pt_size_sweep": 2 + 12,
-        "strategies": 12,  # 4 pairs x 4 strategies (no 3-body on CGCNN), `full` the grid's
+        "strategies": 16,  # 4 pairs x the paper's 5 strategies, `full` the grid's
         "unfrozen_layers": 3,  # BG -> DC at FT 100, freeze_before:1, 4, 7
         "learning_rate": 8,  # 2 pairs x 3 rates x 2 strategies, 1e-3 the grid's and strategies'
         "sampling": 1,  # BG -> DC at FT 100, stratified; the random run is the grid's
         "mpt": 2 + 2,  # without_dc -> dc, without_ebg -> ebg; `all` has no OOD target here
         "chains": 3,
     }
-    assert len(plan.runs) == sum(counts.values()) == 150
+    assert len(plan.runs) == sum(counts.values()) == 154
 
 
 def test_runs_know_their_inputs_and_groups(tmp_path):
