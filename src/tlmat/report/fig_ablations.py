@@ -65,15 +65,25 @@ def _grouped_bars(
         )
 
 
-def plot_strategies(table: pd.DataFrame, meta: Meta, out_dir: Path, stem: str) -> list[Path]:
-    """Test R² (± std) and MAE gain of each fine-tuning strategy, per PT → FT pair."""
-    table = _pairs_at_largest_size(ablation_cells(table, "strategy"))
+#: what the bars of each compared setting are called, and the figure's title
+BAR_SETTINGS = {
+    "strategy": ("Strategy", "Fine-tuning strategies (largest FT size per pair)"),
+    "sampling": ("Sampling", "Random vs stratified FT subsets (largest FT size per pair)"),
+}
+
+
+def plot_strategies(
+    table: pd.DataFrame, meta: Meta, out_dir: Path, stem: str, by: str = "strategy"
+) -> list[Path]:
+    """Test R² (± CI) and MAE gain of each fine-tuning strategy (or sampling method, ``by``),
+    per PT → FT pair."""
+    table = _pairs_at_largest_size(ablation_cells(table, by))
     pairs = sorted(set(zip(table["pt_dataset"], table["dataset"], strict=True)))
-    colors = palette(sorted(table["strategy"].unique()))
+    colors = palette(sorted(table[by].unique()))
     fig, (top, bottom) = plt.subplots(
         2, 1, figsize=(max(7.0, 1.6 * len(pairs) + 3), 7.5), sharex=True, layout="constrained"
     )
-    _grouped_bars(top, table, "strategy", "r2_mean", "r2_ci95", pairs, colors)
+    _grouped_bars(top, table, by, "r2_mean", "r2_ci95", pairs, colors)
     scratch = table.drop_duplicates(["pt_dataset", "dataset"]).set_index(["pt_dataset", "dataset"])
     x = np.arange(len(pairs))
     scratch_r2 = scratch.reindex(pairs)["scratch_r2_mean"]
@@ -88,14 +98,14 @@ def plot_strategies(table: pd.DataFrame, meta: Meta, out_dir: Path, stem: str) -
         label="Scratch",
     )
     top.set_ylabel("Test R² (mean ± 95 % CI)")
-    _grouped_bars(bottom, table, "strategy", "gain_mae", "gain_mae_ci95", pairs, colors)
+    _grouped_bars(bottom, table, by, "gain_mae", "gain_mae_ci95", pairs, colors)
     bottom.axhline(0.0, color=SCRATCH_COLOR, linewidth=1)
     bottom.set_ylabel("MAE gain vs scratch (%)")
     bottom.set_xticks(x)
     bottom.set_xticklabels([textwrap.fill(pair_label(p, t, meta), 22) for p, t in pairs])
     rotate_xticks(bottom, 25)
-    legend_outside(fig, [top], "Strategy", ncols=6)
-    fig.suptitle("Fine-tuning strategies (largest FT size per pair)")
+    legend_outside(fig, [top], BAR_SETTINGS[by][0], ncols=6)
+    fig.suptitle(BAR_SETTINGS[by][1])
     return save_figure(fig, out_dir, stem)
 
 

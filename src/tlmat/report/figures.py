@@ -94,12 +94,13 @@ def _draw(
             if not swept_sources(t["pt_size_sweep"]):
                 return skip(stem, "no PT source with two or more PT sizes")
             return plot_r2_vs_pt_size(t["pt_size_sweep"], meta, out, stem)
-        case "strategies" | "learning_rate":
-            by = "strategy" if name == "strategies" else "lr"
+        case "strategies" | "learning_rate" | "sampling":
+            by = {"strategies": "strategy", "learning_rate": "lr", "sampling": "sampling"}[name]
             if ablation_cells(t[name], by).empty:
                 return skip(stem, f"no cell where {by} was varied")
-            draw = plot_strategies if name == "strategies" else plot_learning_rate
-            return draw(t[name], meta, out, stem)
+            if name == "learning_rate":
+                return plot_learning_rate(t[name], meta, out, stem)
+            return plot_strategies(t[name], meta, out, stem, by)
         case "unfrozen_layers":
             if t[name].empty or t[name]["freeze_before"].nunique() < 2:
                 return skip(stem, "no cell with two or more values of freeze_before:N")

@@ -60,6 +60,7 @@ FIGURES: dict[str, FigureSource] = {
     "strategies": FigureSource("strategies", "strategies"),
     "unfrozen_layers": FigureSource("unfrozen_layers", "unfrozen_layers"),
     "learning_rate": FigureSource("learning_rate", "learning_rate"),
+    "sampling": FigureSource("sampling", "sampling"),
     "learning_curves": FigureSource("runs", None),
     "parity": FigureSource("runs", None),
     "mpt": FigureSource("mpt", "mpt"),
