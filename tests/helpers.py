@@ -11,6 +11,7 @@ from conftest import make_frame
 
 from tlmat.config import load_config
 from tlmat.data import write_frame
+from tlmat.plan import FAMILIES
 
 ROOT = Path(__file__).parents[1]
 TINY_MODEL = "model={arch: alignn, hidden: 32, embedding: 16, alignn_layers: 1, gcn_layers: 1}"
@@ -53,18 +54,8 @@ def pairwise_study(keys: list[str], trials: int) -> dict:
             "ft_sizes": [20],
             "pt_size": 30,
             "ood_targets": [],
-            "families": {
-                family: False
-                for family in (
-                    "pt_size_sweep",
-                    "strategies",
-                    "unfrozen_layers",
-                    "learning_rate",
-                    "sampling",
-                    "mpt",
-                    "chains",
-                )
-            },
+            # scratch and the grid only: every other family of the plan off
+            "families": {f: False for f in FAMILIES if f not in ("scratch", "pairwise")},
         },
     }
 

@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
 from tlmat.report.cells import ablation_cells, at_largest_size
 from tlmat.report.fig_style import (
@@ -125,13 +126,8 @@ def plot_learning_rate(table: pd.DataFrame, meta: Meta, out_dir: Path, stem: str
     for ax in (left, right):
         log_x_at(ax, table["lr"])
         ax.set_xlabel("Fine-tuning learning rate")
-    clip_r2_axis(left, table["r2_mean"])
-    left.set_ylabel("Test R² (mean ± 95 % CI)")
-    right.set_ylabel("MAE gain vs scratch (%)")
-    right.axhline(0.0, color=SCRATCH_COLOR, linewidth=1)
-    legend_outside(fig, [left], "PT → FT pair", ncols=2)
-    fig.suptitle("Effect of the fine-tuning learning rate (largest FT size per pair)")
-    return save_figure(fig, out_dir, stem)
+    title = "Effect of the fine-tuning learning rate (largest FT size per pair)"
+    return _save_sweep(fig, left, right, table, title, out_dir, stem)
 
 
 def plot_unfrozen_layers(table: pd.DataFrame, meta: Meta, out_dir: Path, stem: str) -> list[Path]:
@@ -151,10 +147,24 @@ def plot_unfrozen_layers(table: pd.DataFrame, meta: Meta, out_dir: Path, stem: s
     for ax in (left, right):
         ax.set_xticks(range(1, 8))
         ax.set_xlabel("N of freeze_before:N (children 1..N-1 frozen; 7 = final layer only)")
+    title = "Effect of the number of unfrozen layers (largest FT size per pair)"
+    return _save_sweep(fig, left, right, table, title, out_dir, stem)
+
+
+def _save_sweep(
+    fig: Figure,
+    left: Axes,
+    right: Axes,
+    table: pd.DataFrame,
+    title: str,
+    out_dir: Path,
+    stem: str,
+) -> list[Path]:
+    """The shared frame of a one-setting sweep: R² (left) and MAE gain (right) per pair."""
     clip_r2_axis(left, table["r2_mean"])
     left.set_ylabel("Test R² (mean ± 95 % CI)")
     right.set_ylabel("MAE gain vs scratch (%)")
     right.axhline(0.0, color=SCRATCH_COLOR, linewidth=1)
     legend_outside(fig, [left], "PT → FT pair", ncols=2)
-    fig.suptitle("Effect of the number of unfrozen layers (largest FT size per pair)")
+    fig.suptitle(title)
     return save_figure(fig, out_dir, stem)
