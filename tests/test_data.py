@@ -15,7 +15,6 @@ from tlmat.data import (
     DatasetSpec,
     clean,
     duplicate_counts,
-    load_dataset,
     make_splits,
     read_frame,
     resolve_duplicates,
@@ -23,6 +22,7 @@ from tlmat.data import (
     train_val_split,
     write_frame,
 )
+from tlmat.sources import load_dataset
 
 
 def test_frame_round_trip(tmp_path):

@@ -166,6 +166,35 @@ def build_parser() -> argparse.ArgumentParser:
         "metrics", nargs="*", type=Path, help="metrics.json files (default: all under --runs)"
     )
 
+    predict = verbs.add_parser(
+        "predict", help="predict the property of new structures with trained model(s)"
+    )
+    _common(predict)
+    predict.add_argument(
+        "--model",
+        "-m",
+        type=Path,
+        required=True,
+        help="model.pt, a run directory, or a study cell (run id without /t<k>: all its "
+        "trials); a run id is looked up under <results_dir>/runs",
+    )
+    predict.add_argument(
+        "--structures",
+        "-s",
+        type=Path,
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="CIF/POSCAR files, folders of them, or matminer-format frames (.json.gz)",
+    )
+    predict.add_argument("--out", "-o", type=Path, default=Path("predictions.csv"))
+    predict.add_argument("--head", help="head to predict with (models with several heads)")
+    predict.add_argument(
+        "--skip-bad", action="store_true", help="skip unreadable structures (logged), not fail"
+    )
+    predict.add_argument("--batch-size", type=int, default=64)
+    predict.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: cpu")
+
     figures = verbs.add_parser("figures", help="draw the figures from the tables")
     _common(figures)
     figures.add_argument("--tables", type=Path, default=Path("results/tables"))
@@ -252,6 +281,21 @@ def _dispatch(args: argparse.Namespace) -> None:
             paper_tables_command(config, args.published or config["published_results"], args.out)
         else:
             aggregate_command(config, args.runs, args.out, args.metrics, args.published)
+    elif args.verb == "predict":
+        from tlmat.predict import run_predict
+
+        run_predict(
+            args.structures,
+            args.model,
+            args.out,
+            head=args.head,
+            skip_bad=args.skip_bad,
+            batch_size=args.batch_size,
+            progress=args.progress,
+            runs_dir=Path(config["results_dir"]) / "runs",
+            device=args.device or "cpu",
+            units={k: v.get("units", "") for k, v in config["datasets"].items()},
+        )
     elif args.verb == "figures":
         from tlmat.report.commands import figures_command
 

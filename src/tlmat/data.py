@@ -41,6 +41,7 @@ class DatasetSpec:
     name: str | None = None
     target: str | None = None
     path: str | None = None
+    structures: str | None = None  # source file + CSV path: folder of CIF/POSCAR files
     label: str = ""
     units: str = ""
     target_only: bool = False
@@ -62,8 +63,10 @@ class DatasetSpec:
 # ----------------------------------------------------------------------------- loading
 
 
-def read_frame(path: str | os.PathLike) -> pd.DataFrame:
-    """Read a matminer-format frame, with a one-line error when it is not one."""
+def read_frame(path: str | os.PathLike, columns: Sequence[str] = FRAME_COLUMNS) -> pd.DataFrame:
+    """Read a matminer-format frame, with a one-line error when it is not one.
+
+    ``columns``: the ones it must have (``tlmat predict`` reads frames without targets)."""
     from matminer.utils.io import load_dataframe_from_json
 
     path = Path(path)
@@ -77,10 +80,11 @@ def read_frame(path: str | os.PathLike) -> pd.DataFrame:
             f"{str(err).splitlines()[0] if str(err) else ''}); write it with "
             "matminer.utils.io.store_dataframe_as_json(df, path, orient='split')"
         ) from err
-    if not isinstance(frame, pd.DataFrame) or not set(FRAME_COLUMNS) <= set(frame.columns):
+    if not isinstance(frame, pd.DataFrame) or not set(columns) <= set(frame.columns):
         found = list(frame.columns) if isinstance(frame, pd.DataFrame) else type(frame).__name__
-        raise DataError(f"{path}: a frame needs columns 'structure' and 'target'; found {found}")
-    return frame[list(FRAME_COLUMNS)]
+        needed = " and ".join(repr(c) for c in columns)
+        raise DataError(f"{path}: a frame needs columns {needed}; found {found}")
+    return frame[list(columns)]
 
 
 def write_frame(frame: pd.DataFrame, path: str | os.PathLike) -> None:
@@ -91,29 +95,7 @@ def write_frame(frame: pd.DataFrame, path: str | os.PathLike) -> None:
         store_dataframe_as_json(frame, str(tmp), compression="gz", orient="split", pbar=False)
 
 
-def load_dataset(spec: DatasetSpec, data_dir: str | os.PathLike | None) -> pd.DataFrame:
-    """Raw frame of one data set: ``<data_dir>/<key>.json.gz`` first, else its source."""
-    if data_dir is not None:
-        local = Path(data_dir) / f"{spec.key}.json.gz"
-        if local.is_file():
-            log.info("%s: using local frame %s", spec.key, local)
-            return read_frame(local)
-    if spec.source == "file":
-        if not spec.path:
-            raise DataError(
-                f"datasets.{spec.key}: source 'file' needs structures you supply: set "
-                f"datasets.{spec.key}.path to a matminer-format frame (columns structure, "
-                f"target), or put {spec.key}.json.gz into data_dir"
-            )
-        return read_frame(spec.path)
-    if spec.source == "matminer":
-        return _load_matminer(spec)
-    if spec.source == "jarvis":
-        return _load_jarvis(spec)
-    raise DataError(f"datasets.{spec.key}: unknown source {spec.source!r}")
-
-
-def _load_matminer(spec: DatasetSpec) -> pd.DataFrame:
+def load_matminer(spec: DatasetSpec) -> pd.DataFrame:
     from matminer.datasets import load_dataset as matminer_load
 
     if not spec.name or not spec.target:
@@ -128,7 +110,7 @@ def _load_matminer(spec: DatasetSpec) -> pd.DataFrame:
     return _select_columns(raw, spec)
 
 
-def _load_jarvis(spec: DatasetSpec) -> pd.DataFrame:
+def load_jarvis(spec: DatasetSpec) -> pd.DataFrame:
     from jarvis.db.figshare import data as jarvis_data
 
     if not spec.name or not spec.target:

@@ -38,7 +38,6 @@ from tlmat.data import (
     DatasetSpec,
     clean,
     duplicate_counts,
-    load_dataset,
     make_splits,
     read_frame,
     read_published_splits,
@@ -60,6 +59,7 @@ from tlmat.leakage import (
 from tlmat.metrics import regression_metrics
 from tlmat.models import ModelConfig, build_model
 from tlmat.plan import RUN_FILES, SUBSET_IDS, Layout
+from tlmat.sources import load_dataset
 from tlmat.train import (
     Resume,
     Stopwatch,
@@ -70,6 +70,7 @@ from tlmat.train import (
     targets_of,
 )
 from tlmat.transfer import StrategyError, apply_strategy
+from tlmat.user_data import check_enough
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ def prepare_dataset(config: Mapping, key: str, frame_out: Path, splits_out: Path
     frame, _ = clean(raw, key, spec.drop_bad_records, test, in_subsets, aliases=exact)
     frame, published, aliases = dedupe_prepared(frame, key, published, exact)
     splits = make_splits(frame.index, key, config["seed"], config["test_fraction"], published)
+    check_enough(config, spec, len(frame), len(splits["test"]))  # user data: before writing
     # one duplicate policy (tlmat.data.keeper_order): what it dropped goes on record
     splits.update(duplicate_counts(aliases, splits["test"]))
     log.info(
