@@ -17,6 +17,7 @@ include: "workflow/rules/aggregate.smk"
 # on a cluster these run where snakemake runs (cheap, and they read thousands of files)
 localrules:
     resolved_config,
+    pool,
     aggregate,
     figures,
     paper_tables,
@@ -29,7 +30,9 @@ rule all:
     input:
         # the runs as well: Snakemake does not regenerate a deleted input of an
         # up-to-date job, so deleting one run's metrics.json would otherwise go unnoticed
-        METRICS,
+        FIXED_METRICS,
+        study_metrics,
+        POOLS,  # every PT source's pool at once (study_metrics waits for them)
         TABLES,
         LEAKAGE_TABLE,
         FIGURES,

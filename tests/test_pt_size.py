@@ -61,3 +61,51 @@ def test_the_pt_size_table_lists_each_pool_once_under_its_actual_size():
     rows += [run(10000, 4000, t, 0.6) for t in (1, 2)]  # capped to the same 4000: one run
     table = pt_size_sweep(pd.DataFrame(rows), StudyDefaults(pt_size=941, lr=0.001))
     assert list(zip(table["pt_size"], table["pt_n"], strict=True)) == [(941, 941), (5000, 4000)]
+
+
+def _full_plan():
+    from pathlib import Path
+
+    from tlmat.config import load_config
+    from tlmat.plan import build_plan
+
+    root = Path(__file__).parents[1]
+    return build_plan(load_config([root / "config.yaml"], ["data_dir=/nonexistent-offline-dir"]))
+
+
+def test_planned_pt_sizes_above_the_pool_collapse_onto_the_smallest_that_caps():
+    plan = _full_plan()
+    assert plan.pool_sources() == ["bg", "fe"]  # the sweep's sources: 941 ... 100K each
+    # fe pool of 7,000: 10K, 50K and 100K all train on it; 10K is the one that runs
+    alias = plan.collapse({"fe": 7000, "bg": 200_000})
+    assert alias["ft/pt-fe-50000/ft-dc-800/full-lr0.001/t3"] == (
+        "ft/pt-fe-10000/ft-dc-800/full-lr0.001/t3"
+    )
+    assert alias["pt/fe-100000/t1"] == "pt/fe-10000/t1"
+    assert "pt/fe-10000/t1" not in alias and "pt/fe-5000/t1" not in alias  # below or = 10K
+    assert not any(k.startswith(("pt/bg-", "ft/pt-bg-")) for k in alias)  # bg: none caps
+    kept = set(plan.kept_ids({"fe": 7000, "bg": 200_000}))
+    assert kept == set(plan.runs) - set(alias)
+    # 2 PT runs and 2 sizes x 6 targets x 5 trials of fine-tunes run once instead of thrice
+    assert len(alias) == 2 + 2 * 6 * 5
+    assert {plan.runs[k].checkpoint for k in kept if plan.runs[k].checkpoint} <= kept
+
+
+def test_only_runs_on_a_larger_pt_size_wait_for_the_pools():
+    plan = _full_plan()
+    dependent = set(plan.pool_dependent_ids())
+    assert "pt/fe-941/t1" not in dependent and "pt/fe-1000/t1" in dependent
+    assert "ft/pt-fe-100000/ft-dc-800/full-lr0.001/t1" in dependent
+    assert not any(k.startswith("scratch/") for k in dependent)
+    assert set(plan.fixed_ids()) | dependent == set(plan.runs)
+    # pools at least as large as every planned size: nothing collapses
+    assert plan.kept_ids({"fe": 10**6, "bg": 10**6}) == sorted(plan.runs)
+    assert plan.metrics_files([]) == []
+
+
+def test_a_fine_tune_without_a_planned_counterpart_keeps_its_own_pt_run():
+    plan = _full_plan()
+    # the lr/strategy studies use fe only at 941; a hypothetical 50K run of a study that
+    # has no 10K counterpart is never mapped to a run that is not planned
+    alias = plan.collapse({"fe": 7000, "bg": 7000})
+    assert all(target in plan.runs for target in alias.values())

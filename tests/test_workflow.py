@@ -26,7 +26,8 @@ TINY_STUDY = {
         "trials": 2,
         "ft_sizes": [20],
         "pt_size": 30,
-        "pt_size_sweep": {"sources": ["aa"], "sizes": [20, 30], "ft_size": 20},
+        # 100 and 200 are above aa's pool (60 structures less its test set): one run, at 100
+        "pt_size_sweep": {"sources": ["aa"], "sizes": [20, 30, 100, 200], "ft_size": 20},
         "strategies": {"pairs": [["aa", "bb"]], "names": ["full", "last_layer", "new_head"]},
         "unfrozen_layers": {"pairs": [["aa", "bb"]], "freeze_before": [2, 7]},
         "learning_rate": {"pairs": [["bb", "cc"]], "lrs": [0.0005, 0.001], "ft_size": 20},
@@ -92,7 +93,7 @@ def test_tables_cover_the_whole_grid(study):
     assert set(strategies["strategy"]) == {"full", "last_layer", "new_head", "new_head_freeze"}
     unfrozen = pd.read_csv(tables / "unfrozen_layers.csv")
     assert sorted(unfrozen["freeze_before"]) == [2, 7] and (unfrozen["n"] == 2).all()
-    assert set(pd.read_csv(tables / "pt_size_sweep.csv")["pt_size"]) == {20, 30}
+    assert set(pd.read_csv(tables / "pt_size_sweep.csv")["pt_size"]) == {20, 30, 100}  # 200: 100's
     assert set(pd.read_csv(tables / "learning_rate.csv")["lr"]) == {0.0005, 0.001}
     assert "gain" in (tables / "summary.md").read_text().lower()
     chains = pd.read_csv(tables / "chains.csv").set_index("chain")
@@ -135,6 +136,20 @@ def test_comparison_with_published_runs(study):
     assert "## Comparison with the published runs" in (tables / "summary.md").read_text()
     parity = study / "results" / "figures" / "published_parity_cgcnn.png"
     assert parity.stat().st_size > 10_000
+
+
+def test_pt_sizes_that_cap_to_one_pool_run_once(study):
+    pool = json.loads((study / "results/pools/aa.json").read_text())
+    assert pool["dataset"] == "aa" and 40 < pool["pool"] < 60
+    runs = study / "results/runs"
+    assert (runs / "pt/aa-100/t1/metrics.json").is_file()
+    assert not (runs / "pt/aa-200").exists()  # the same pool as 100: never trained
+    assert not list(runs.glob("ft/pt-aa-200/*"))
+    pt = json.loads((runs / "pt/aa-100/t1/metrics.json").read_text())
+    assert pt["n_train"] + pt["n_val"] == pool["pool"]
+    sweep = pd.read_csv(study / "results/tables/pt_size_sweep.csv")
+    capped = sweep[sweep["pt_size"] >= 100]
+    assert set(capped["pt_size"]) == {100} and set(capped["pt_n"]) == {pool["pool"]}
 
 
 def test_second_run_has_nothing_to_do_and_one_deleted_run_reruns_alone(study):

@@ -135,6 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
     mpt.add_argument("--resume", action="store_true", help="continue from <out>/.resume.pt")
     _input_arguments(mpt)
 
+    pool = verbs.add_parser(
+        "pool",
+        help="count the structures a PT source's runs can draw (pool.json): every PT size "
+        "at or above it trains on the same pool, so the workflow runs those sizes once",
+    )
+    _common(pool)
+    pool.add_argument("--dataset", "-d", required=True, help="PT source data set key")
+    pool.add_argument("--out", "-o", type=Path, required=True, help="pool.json to write")
+    _input_arguments(pool)
+
     leakage = verbs.add_parser(
         "leakage",
         help="match crystals across the study's data sets: overlap.json (PT exclusions, "
@@ -270,6 +280,10 @@ def _dispatch(args: argparse.Namespace) -> None:
             len(metrics["sources"]),
             metrics["test_r2"],
         )
+    elif args.verb == "pool":
+        inputs = _run_inputs(config, args, [args.dataset], runs.needs_overlap(config, "pretrain"))
+        size = runs.write_pool(config, args.dataset, inputs, args.out)
+        logging.getLogger("tlmat").info("%s: PT pool of %d structures", args.dataset, size)
     elif args.verb == "leakage":
         _leakage(config, args)
     elif args.verb == "aggregate":

@@ -306,6 +306,11 @@ class Layout:
     def run_dir(self, run_id: str) -> Path:
         return self.runs / run_id
 
+    def pool(self, ds: str) -> Path:
+        """``pool.json`` of a PT source: how many structures its PT runs can draw (per
+        results folder, as the pool depends on ``exclude_test_overlap``)."""
+        return self.results / "pools" / f"{ds}.json"
+
     def run_outputs(self, run_id: str) -> dict[str, str]:
         """The files of a run, named metrics/model/predictions/history."""
         return {name.split(".")[0]: str(self.run_dir(run_id) / name) for name in RUN_FILES}
@@ -468,8 +473,87 @@ class Plan:
     def sorted_runs(self) -> list[Run]:
         return [self.runs[k] for k in sorted(self.runs)]
 
-    def metrics_files(self) -> list[str]:
-        return [str(self.layout.run_dir(k) / "metrics.json") for k in sorted(self.runs)]
+    def metrics_files(self, ids: Iterable[str] | None = None) -> list[str]:
+        """The ``metrics.json`` of the given runs (default: every run of the plan)."""
+        return [
+            str(self.layout.run_dir(k) / "metrics.json")
+            for k in sorted(self.runs if ids is None else ids)
+        ]
+
+    # PT sizes above the pool. A PT size larger than its source's pool trains on the whole
+    # pool (tlmat.runs.capped_to_pool), so every size that caps to the same pool is one run.
+    # The pools are known only once the data are prepared: the workflow reads them from a
+    # checkpoint (rule pool) and asks only for the runs :meth:`collapse` keeps.
+
+    def pool_sources(self) -> list[str]:
+        """PT sources planned at more than one PT size: only their larger sizes can cap to
+        the pool that a smaller planned size already trains on."""
+        sizes: dict[str, set[int]] = {}
+        for run in self.of_kind("pretrain"):
+            sizes.setdefault(run.dataset, set()).add(run.size)
+        return sorted(src for src, found in sizes.items() if len(found) > 1)
+
+    def _pretrain_of(self, run: Run) -> Run | None:
+        """The PT run a pre-train or a (direct) fine-tune stands on; None for the others."""
+        if run.kind == "pretrain":
+            return run
+        if run.kind == "finetune" and run.checkpoint in self.runs:
+            return self.runs[run.checkpoint]
+        return None
+
+    def pool_dependent_ids(self) -> list[str]:
+        """The runs that may turn out duplicates of a smaller PT size's run: their PT size is
+        above the smallest one planned for a source of :meth:`pool_sources`."""
+        smallest: dict[str, int] = {}
+        for run in self.of_kind("pretrain"):
+            smallest[run.dataset] = min(run.size, smallest.get(run.dataset, run.size))
+        sources = set(self.pool_sources())
+        return [
+            run_id
+            for run_id, run in sorted(self.runs.items())
+            if (pt := self._pretrain_of(run)) is not None
+            and pt.dataset in sources
+            and pt.size > smallest[pt.dataset]
+        ]
+
+    def fixed_ids(self) -> list[str]:
+        """The runs every pool leaves as they are (the workflow asks for them directly)."""
+        dependent = set(self.pool_dependent_ids())
+        return [k for k in sorted(self.runs) if k not in dependent]
+
+    def collapse(self, pools: Mapping[str, int]) -> dict[str, str]:
+        """Run id -> the run that stands for it, given each PT source's pool size.
+
+        Of the planned PT sizes that cap to the same pool (size >= pool), the smallest is
+        run; a pre-train or fine-tune at a larger one is the same run under another label,
+        so it maps onto that one (same fine-tune, PT size replaced). A fine-tune whose
+        counterpart is not planned keeps its own id (and its PT run)."""
+        sizes: dict[str, list[int]] = {}
+        for run in self.of_kind("pretrain"):
+            sizes.setdefault(run.dataset, []).append(run.size)
+        alias: dict[str, str] = {}
+        for run_id, run in self.runs.items():
+            pt = self._pretrain_of(run)
+            if pt is None or pt.dataset not in pools:
+                continue
+            pool = int(pools[pt.dataset])
+            if pt.size <= pool:
+                continue
+            size = min(s for s in sizes[pt.dataset] if s >= pool)
+            if size == pt.size:
+                continue
+            target = _with_pt_size(run_id, pt, size)
+            if target in self.runs:
+                alias[run_id] = target
+        needed = {self.runs[k].checkpoint for k in self.runs if k not in alias}
+        return {
+            k: v for k, v in alias.items() if self.runs[k].kind != "pretrain" or k not in needed
+        }
+
+    def kept_ids(self, pools: Mapping[str, int]) -> list[str]:
+        """Every run the study needs once the pools are known (collapsed runs left out)."""
+        alias = self.collapse(pools)
+        return [k for k in sorted(self.runs) if k not in alias]
 
     @property
     def datasets(self) -> list[str]:
@@ -509,6 +593,23 @@ class Plan:
             rows.append((family, len(ids), len(set(ids) - seen)))
             seen |= set(ids)
         return rows
+
+
+def _with_pt_size(run_id: str, pt: Run, size: int) -> str:
+    """The id of the same pre-train (``pt/<src>-<size>/…``) or fine-tune
+    (``ft/pt-<src>-<size>/…``) at another PT size."""
+    for old, new in (
+        (f"pt/{pt.dataset}-{pt.size}/", f"pt/{pt.dataset}-{size}/"),
+        (f"ft/pt-{pt.dataset}-{pt.size}/", f"ft/pt-{pt.dataset}-{size}/"),
+    ):
+        if run_id.startswith(old):
+            return new + run_id[len(old) :]
+    return run_id
+
+
+def read_pool(path: str | Path) -> int:
+    """The pool size in a ``pool.json`` (written by ``tlmat pool``)."""
+    return int(json.loads(Path(path).read_text())["pool"])
 
 
 def build_plan(config: Mapping) -> Plan:
@@ -854,9 +955,12 @@ def count_table(plan: Plan) -> str:
     lines.append(f"| prepare | {n_prepare} | {n_prepare} |")
     lines.append(f"| featurize | {n_featurize} | {n_featurize} |")
     lines.append("| leakage | 1 | 1 |")
+    n_pool = len(plan.pool_sources())
+    if n_pool:
+        lines.append(f"| pool (PT sources at several PT sizes) | {n_pool} | {n_pool} |")
     for family, asked, new in plan.counts():
         lines.append(f"| {family} | {asked} | {new} |")
-    total = n_prepare + n_featurize + 1 + len(plan.runs) + 4
+    total = n_prepare + n_featurize + 1 + n_pool + len(plan.runs) + 4
     lines.append("| aggregate + figures | 2 | 2 |")
     lines.append("| resolved config + `all` | 2 | 2 |")
     lines.append(f"| **total** | | **{total}** |")

@@ -300,8 +300,22 @@ def capped_to_pool(
     ``n_val``, and ``pt_n`` of the fine-tunes)."""
     if spec.kind != "pretrain":
         return spec
-    pool = set(cache.ids.tolist()) - {int(i) for i in splits["test"]} - excluded
-    return dataclasses.replace(spec, size=min(spec.size, len(pool)))
+    return dataclasses.replace(spec, size=min(spec.size, pool_size(cache, splits, excluded)))
+
+
+def pool_size(cache: GraphCache, splits: Mapping, excluded: set[int]) -> int:
+    """The structures a PT run of this data set can draw: featurized, not held out for
+    test and not excluded as another data set's test crystal."""
+    return len(set(cache.ids.tolist()) - {int(i) for i in splits["test"]} - excluded)
+
+
+def write_pool(config: Mapping, ds: str, inputs: RunInputs, out: Path) -> int:
+    """``pool.json`` of a PT source (the workflow's ``pool`` checkpoint): the size every PT
+    size at or above it caps to, so the workflow runs those sizes once (tlmat.plan)."""
+    excluded = pretrain_pool_exclusions(config, ds, inputs.overlap)
+    size = pool_size(inputs.cache(config, ds), inputs.splits_of(ds), excluded)
+    atomic_write_text(out, json.dumps({"dataset": ds, "pool": size, "excluded": len(excluded)}))
+    return size
 
 
 def run_seed(config: Mapping, spec: RunSpec) -> int:

@@ -50,7 +50,7 @@ FIGURES = figure_files(f"{RESULTS}/figures", FIGURE_STEMS)
 
 rule aggregate:
     input:
-        metrics=METRICS,
+        metrics=study_metrics,
         published=[PUBLISHED] if PUBLISHED else [],
         config=ancient(CONFIG),
     output:

@@ -5,7 +5,13 @@ import sys
 
 from snakemake.utils import min_version, validate
 
-from tlmat.plan import RUN_FILES, build_plan, resolved_config_path, resolved_config_text
+from tlmat.plan import (
+    RUN_FILES,
+    build_plan,
+    read_pool,
+    resolved_config_path,
+    resolved_config_text,
+)
 
 min_version("9.0")
 
@@ -21,7 +27,10 @@ FAMILIES = STUDY["families"]
 RESULTS = config["results_dir"]
 RUNS = str(LAYOUT.runs)
 LOGS = str(LAYOUT.logs)
-METRICS = PLAN.metrics_files()
+# runs whose PT size may cap to its source's pool are asked for once the pools are known
+# (checkpoint pool, rule study_metrics); every other run is asked for directly
+FIXED_METRICS = PLAN.metrics_files(PLAN.fixed_ids())
+POOLS = [str(LAYOUT.pool(ds)) for ds in PLAN.pool_sources()]
 OVERLAP = str(PLAN.overlap)
 LEAKAGE_TABLE = f"{LAYOUT.tables}/leakage.csv"
 # every `tlmat` job reads the validated config from this file (rule resolved_config)
@@ -79,3 +88,31 @@ rule resolved_config:
         from tlmat.files import atomic_write_text
 
         atomic_write_text(output[0], params.text)
+
+
+def study_metrics(wildcards):
+    """Every run's metrics.json, with the PT sizes that cap to the same pool run once.
+
+    A PT size above its source's pool trains on the whole pool (tlmat.runs.capped_to_pool),
+    so of the planned sizes that cap to one pool only the smallest runs (tlmat.plan
+    Plan.collapse); the pools come from checkpoint pool, after the data are prepared."""
+    sources = PLAN.pool_sources()
+    if not sources:
+        return FIXED_METRICS
+    pools = {ds: read_pool(checkpoints.pool.get(ds=ds).output[0]) for ds in sources}
+    dependent = set(PLAN.pool_dependent_ids())
+    kept = [k for k in PLAN.kept_ids(pools) if k in dependent]
+    return FIXED_METRICS + PLAN.metrics_files(kept)
+
+
+def pool_inputs(wildcards):
+    """What a PT source's pool depends on: its graphs and splits, and the overlap file when
+    PT excludes other data sets' test crystals."""
+    inputs = {
+        "config": ancient(CONFIG),
+        "graphs": str(LAYOUT.graphs(wildcards.ds)),
+        "splits": str(LAYOUT.splits(wildcards.ds)),
+    }
+    if config["exclude_test_overlap"]:
+        inputs["overlap"] = OVERLAP
+    return inputs

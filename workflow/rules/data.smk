@@ -58,3 +58,24 @@ rule leakage:
         "tlmat leakage --config {input.config} --no-progress --datasets {params.datasets}"
         " --frames {input.frames} --splits {input.splits}"
         " --overlap {output.overlap} --table {output.table} > {log} 2>&1"
+
+
+# How many structures a PT source's runs can draw: PT sizes at or above it train on the
+# same pool, so the workflow runs those sizes once (function study_metrics in common.smk).
+checkpoint pool:
+    input:
+        unpack(pool_inputs),
+    output:
+        str(LAYOUT.pool("{ds}")),
+    log:
+        f"{LOGS}/pool/{{ds}}.log",
+    conda:
+        ENV
+    params:
+        overlap=lambda wc, input: (
+            f"--overlap {input.overlap}" if "overlap" in input.keys() else ""
+        ),
+    shell:
+        "tlmat pool --config {input.config} --dataset {wildcards.ds} --no-progress"
+        " --graphs {input.graphs} --splits {input.splits} {params.overlap}"
+        " --out {output} > {log} 2>&1"
