@@ -28,7 +28,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 # `make demo DATA_DIR=../shared/data` runs the same study on the full offline pools.
 DEMO_CONFIG := $(if $(DATA_DIR),--config data_dir=$(abspath $(DATA_DIR)) splits_file=$(abspath $(DATA_DIR))/splits.json,)
 
-.PHONY: install test lint demo study paper clean-results
+.PHONY: install test lint demo study paper parity clean-results
 
 install: $(VENV)/.installed
 
@@ -55,6 +55,19 @@ demo: install
 # the paper's tables and figures from its published per-run results alone (about a minute)
 paper: install
 	$(BIN)/snakemake --cores $(CORES) paper --config published_results=$(abspath $(PUBLISHED)) $(SNAKE_ARGS)
+
+# Parity with the paper, run by run (docs/results.md, "Parity, run by run"): the paper's ALIGNN on the cells
+# whose published trial subsets and test ids are in the data, trials 1..TRIALS (default 1);
+# ends with the run-by-run table and the verdict (results/parity/tables/trial_parity.csv).
+TRIALS ?= 1
+PARITY_DATA := $(or $(DATA_DIR),$(TLMAT_SHARED_DATA),../shared/data)
+PARITY_TRIALS := resources/parity-trials-$(TRIALS).yaml
+
+parity: install
+	@test -f "$(PARITY_DATA)/splits.json" || { echo "make parity: $(PARITY_DATA)/splits.json not found; give DATA_DIR=<folder with the seven <key>.json.gz frames and the paper's splits.json>" >&2; exit 2; }
+	@mkdir -p resources && printf 'study:\n  trials: %s\n' "$(TRIALS)" > $(PARITY_TRIALS)
+	$(BIN)/snakemake --cores $(CORES) --configfile presets/parity.yaml $(PARITY_TRIALS) --config data_dir=$(abspath $(PARITY_DATA)) splits_file=$(abspath $(PARITY_DATA))/splits.json $(SNAKE_ARGS)
+	@sed -n '/^## Parity with the published runs, trial by trial/,/^## [^P]/p' results/parity/tables/summary.md
 
 study: install
 	$(BIN)/snakemake --cores $(CORES) $(SNAKE_ARGS)

@@ -13,7 +13,7 @@ Every figure of :data:`tlmat.report.names.FIGURES` is written per model as
 * :mod:`~tlmat.report.fig_ablations`: ``strategies``, ``learning_rate``, ``unfrozen_layers``;
 * :mod:`~tlmat.report.fig_runs`: ``learning_curves``, ``parity`` (from per-run files);
 * :mod:`~tlmat.report.fig_mpt_chains`: ``mpt``, ``chains``, ``chain_curves``;
-* :mod:`~tlmat.report.fig_published`: ``published_parity``;
+* :mod:`~tlmat.report.fig_published`: ``published_parity``, ``trial_parity``;
 * :mod:`~tlmat.report.fig_style`: labels, style and helpers they share.
 
 A family without data is skipped with a log message, so a partial study still gets figures.
@@ -42,7 +42,7 @@ from tlmat.report.fig_pairwise import (
     plot_r2_vs_pt_size,
     swept_sources,
 )
-from tlmat.report.fig_published import plot_published_parity
+from tlmat.report.fig_published import plot_published_parity, plot_trial_parity
 from tlmat.report.fig_runs import plot_learning_curves, plot_parity
 from tlmat.report.fig_style import Meta, figure_style, save_figure, skip
 from tlmat.report.names import FIGURE_TABLES, TABLE_NAMES
@@ -117,6 +117,8 @@ def _draw(
             return plot_chain_curves(t["chains"], t["runs"], runs_dir, meta, out, stem)
         case "published_parity":
             return plot_published_parity(t["comparison"], meta, out, stem)
+        case "trial_parity":
+            return plot_trial_parity(t["trial_parity"], meta, out, stem)
     raise ValueError(f"unknown figure {name!r}")
 
 

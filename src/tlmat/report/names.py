@@ -28,6 +28,7 @@ TABLE_NAMES: tuple[str, ...] = (
     "chains",
     "headline",
     "comparison",
+    "trial_parity",
 )
 #: the one-page findings written next to the tables
 SUMMARY_NAME = "summary.md"
@@ -67,6 +68,7 @@ FIGURES: dict[str, FigureSource] = {
     "chains": FigureSource("chains", "chains"),
     "chain_curves": FigureSource("chains", "chains"),
     "published_parity": FigureSource("comparison", "published"),
+    "trial_parity": FigureSource("trial_parity", "published"),
 }
 #: figure -> the table it is drawn from
 FIGURE_TABLES: dict[str, str] = {name: source.table for name, source in FIGURES.items()}

@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from tlmat.report import compare, stats
+from tlmat.report import compare, parity, stats
 from tlmat.report.cells import ablation_cells, best_sources, mpt_transfer_rows
 from tlmat.report.findings import FINDINGS_HEADER, findings_rows, study_scale
 from tlmat.report.names import RUN_KINDS
@@ -248,6 +248,59 @@ def _comparison_lines(comparison: pd.DataFrame) -> list[str]:
     ]
 
 
+#: up to this many runs, the summary lists the trial-parity table itself (else: trial_parity.csv)
+TRIAL_PARITY_LISTED = 40
+
+
+def trial_parity_lines(table: pd.DataFrame) -> list[str]:
+    """Run-by-run parity with the published runs (``make parity`` prints this section)."""
+    if table.empty:
+        return []
+    lines = [
+        "## Parity with the published runs, trial by trial",
+        "",
+        f"**{parity.trial_parity_verdict(table)}.** Each of our runs beside the published "
+        "run of the same cell and trial (same training subset and test set where the data "
+        "carry the paper's splits: same subset = yes) and the published cell over its trials "
+        "(trial_parity.csv, figure trial_parity).",
+        "",
+    ]
+    if len(table) > TRIAL_PARITY_LISTED:
+        return lines
+    rows = [
+        [
+            "scratch" if r.kind == "scratch" else f"{r.pt_dataset}:{int(r.pt_size)}",
+            f"{r.dataset}:{int(r.size)}",
+            str(r.strategy) if r.kind != "scratch" else "",
+            str(int(r.trial)),
+            "yes" if r.same_subset else "no",
+            _fmt(r.r2, ".3f"),
+            _fmt(r.published_trial_r2, ".3f"),
+            _fmt(r.published_r2_mean, ".3f") + " ± " + _fmt(r.published_r2_std, ".3f"),
+            _fmt(r.published_r2_min, ".3f") + "–" + _fmt(r.published_r2_max, ".3f"),
+            _fmt(r.mae, ".4f"),
+            _fmt(r.published_trial_mae, ".4f"),
+            "yes" if r.inside_range else "no",
+        ]
+        for r in table.itertuples(index=False)
+    ]
+    header = [
+        "PT",
+        "target",
+        "strategy",
+        "trial",
+        "same subset",
+        "R²",
+        "published R² (trial)",
+        "published R² mean ± std",
+        "published range",
+        "MAE",
+        "published MAE (trial)",
+        "inside range",
+    ]
+    return [*lines, markdown_table(rows, header), ""]
+
+
 def summary_markdown(tables: Mapping[str, pd.DataFrame], meta: Meta | None = None) -> str:
     """The headline numbers as a short Markdown report (the tables hold the details).
 
@@ -364,4 +417,5 @@ def summary_markdown(tables: Mapping[str, pd.DataFrame], meta: Meta | None = Non
         ],
     )
     parts += _comparison_lines(tables.get("comparison", empty))
+    parts += trial_parity_lines(tables.get("trial_parity", empty))
     return "\n".join(parts).rstrip() + "\n"
