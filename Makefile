@@ -2,7 +2,9 @@
 # Both create .venv and install everything first when needed.
 # torch (TORCH_SPEC, default torch==2.13.0) is installed before the rest, from pip's index
 # (on plain PyPI under Linux that is the CUDA build; TORCH_INDEX=https://download.pytorch.org/whl/cpu
-# picks the CPU one). `make demo` runs on the demo data in data/demo; DATA_DIR=... overrides.
+# picks the CPU one; it must match requirements/torch.txt), then exactly the versions of
+# requirements/lock.txt, which `make lock` regenerates with pip-compile (docs/install.md).
+# `make demo` runs on the demo data in data/demo; DATA_DIR=... overrides.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,6 +13,7 @@ CORES ?= 2
 DATA_DIR ?=
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
+LOCK := requirements/lock.txt
 SNAKE_ARGS ?=
 PRESET ?= quick
 PUBLISHED ?= data/published/published_runs.csv
@@ -28,17 +31,23 @@ export PATH := $(abspath $(BIN)):$(PATH)
 # `make demo DATA_DIR=../shared/data` runs the same study on the full offline pools.
 DEMO_CONFIG := $(if $(DATA_DIR),--config data_dir=$(abspath $(DATA_DIR)) splits_file=$(abspath $(DATA_DIR))/splits.json,)
 
-.PHONY: install test lint demo study paper parity clean-results
+.PHONY: install lock test lint demo study paper parity clean-results
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || \
 		$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $@
+
+# after changing pyproject.toml's dependencies or requirements/torch.txt; LOCK_ARGS=--upgrade
+# (or --upgrade-package NAME) takes newer releases. Needs pip's index (network).
+lock: install
+	$(BIN)/python -m tlmat.envlock lock $(LOCK_ARGS)
 
 test: install
 	$(BIN)/python -m pytest

@@ -495,6 +495,7 @@ def test_write_tables_writes_every_file(study: list[Path], tmp_path: Path) -> No
         "headline.csv",
         "comparison.csv",
         "trial_parity.csv",
+        "environment.csv",
         "summary.md",
     ]
     assert all(p.stat().st_size > 0 for p in written)

@@ -29,6 +29,7 @@ TABLE_NAMES: tuple[str, ...] = (
     "headline",
     "comparison",
     "trial_parity",
+    "environment",
 )
 #: the one-page findings written next to the tables
 SUMMARY_NAME = "summary.md"

@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from tlmat.report import compare, parity, stats
+from tlmat.report import compare, environment, parity, stats
 from tlmat.report.cells import ablation_cells, best_sources, mpt_transfer_rows
 from tlmat.report.findings import FINDINGS_HEADER, findings_rows, study_scale
 from tlmat.report.names import RUN_KINDS
@@ -316,6 +316,7 @@ def summary_markdown(tables: Mapping[str, pd.DataFrame], meta: Meta | None = Non
     lrs = tables.get("learning_rate", empty)
     gain_header = ["cells", "mean R² gain (%)", "mean MAE gain (%)", "unstable R² cells"]
     parts = ["# Transfer-learning study: summary", "", _run_counts(tables.get("runs")), ""]
+    parts += environment.warning_lines(tables.get("environment", empty))
     parts += _section(
         "Headline: mean gain of pair-wise TL over scratch",
         _headline_rows(tables.get("headline", empty)),

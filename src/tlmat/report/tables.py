@@ -36,7 +36,7 @@ from typing import Any
 import pandas as pd
 
 from tlmat.files import atomic_write_text
-from tlmat.report import compare, headline, parity, stats, summary
+from tlmat.report import compare, environment, headline, parity, stats, summary
 from tlmat.report.names import SUMMARY_NAME, TABLE_NAMES
 from tlmat.report.runs import (
     PAIR_KEYS,
@@ -159,6 +159,7 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     "headline": headline.HEADLINE_COLUMNS,
     "comparison": compare.COMPARISON_COLUMNS,
     "trial_parity": parity.TRIAL_PARITY_COLUMNS,
+    "environment": environment.ENVIRONMENT_COLUMNS,
 }
 
 
@@ -588,6 +589,7 @@ def build_tables(
     tables["headline"] = headline.headline_table(tables["pairwise_grid"])
     tables["comparison"] = compare.comparison_table(tables, defaults.pt_size)
     tables["trial_parity"] = parity.trial_parity_table(runs, published)
+    tables["environment"] = environment.environment_table(runs)
     return tables
 
 
