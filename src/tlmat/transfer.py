@@ -7,7 +7,12 @@ convolution ``edge_update``), 5 GCN layers, 6 pooling, 7 final linear layer.
 :func:`paper_children` gives the tlmat modules of each child, for ALIGNN and for CGCNN
 (embedding = 1, its bond expansion = 2, convolutions = 5, no children 3 and 4). Pooling has
 no parameters; child 6 holds ``backbone.readout``, the optional MLP after pooling (none with
-``readout_layers: 0``, the default and the original ALIGNN).
+``readout_layers: 0``, the default and the original ALIGNN). CHGNet (``tlmat.models.chgnet``)
+has all seven: 1 atom embedding, 2 bond embedding (with its learnable RBF), 3 angle embedding,
+4 its ``n_conv - 1`` interaction blocks (``atom_conv`` = 2-body, ``bond_conv`` +
+``angle_update`` = 3-body), 5 its last block (``atom_conv`` only), 6 ``readout`` (its
+``readout_norm`` and any readout MLP), 7 the heads (always fresh: CHGNet has no head for a
+tlmat target).
 
 =================  ===========  ================================================================
 strategy           paper code   what trains
@@ -15,9 +20,11 @@ strategy           paper code   what trains
 full               ALL-UF       everything (pre-trained head reused)
 last_layer         LAST-LAY     only the final layer (the head)
 unfreeze_2body     2B           final layer + every atom-graph convolution (ALIGNN
-                                ``node_update`` and every GCN layer; CGCNN: its convolutions)
+                                ``node_update`` and every GCN layer; CGCNN: its convolutions;
+                                CHGNet: every ``atom_conv``)
 unfreeze_3body     3B           final layer + every line-graph convolution (ALIGNN
-                                ``edge_update``); CGCNN has none: a StrategyError
+                                ``edge_update``; CHGNet: every ``bond_conv`` and
+                                ``angle_update``); CGCNN has none: a StrategyError
 new_head           NPH-freeze1  everything, with a fresh head Linear(hidden, 64) -> Linear(64, 1)
 new_head_freeze    NPH,         only that fresh head; everything before it frozen
                    NPH-freeze6
@@ -91,8 +98,8 @@ def paper_children(model: TLModel) -> dict[int, list[str]]:
     Gaussian expansion), no 3 or 4, 5 its convolutions, 6 ``readout``, 7 ``heads``.
     """
     layers = [f"backbone.graph_layers.{i}" for i in range(len(model.backbone.graph_layers))]
-    n_alignn = model.config.alignn_layers if model.config.arch == "alignn" else 0
-    has_angle = model.config.arch == "alignn"
+    has_angle = model.config.arch in ("alignn", "chgnet")  # chgnet: alignn_layers = n_conv - 1
+    n_alignn = model.config.alignn_layers if has_angle else 0
     return {
         1: ["backbone.embedding.atom"],
         2: ["backbone.embedding.edge"],
@@ -123,7 +130,12 @@ def frozen_modules(model: TLModel, strategy: str) -> list[str]:
             f"fine-tune strategy 'unfreeze_3body' trains line-graph (3-body) convolutions, "
             f"which {what} none; use unfreeze_2body, last_layer or freeze_before:N"
         )
-    if strategy == "unfreeze_2body":
+    if model.config.arch == "chgnet":  # 2-body: atom convs; 3-body: bond convs + angle updates
+        if strategy == "unfreeze_2body":
+            convs = [f"{name}.{part}" for name in alignn for part in ("bond_conv", "angle_update")]
+        else:
+            convs = [f"{name}.atom_conv" for name in alignn + children[5]]
+    elif strategy == "unfreeze_2body":
         convs = [f"{name}.edge_update" for name in alignn]
     else:
         convs = [f"{name}.node_update" for name in alignn] + children[5]

@@ -6,7 +6,8 @@ pooling; none by default, as in the original ALIGNN) and ``heads`` (one ``Linear
 per target, or the paper's two-layer new prediction head, see ``ModelConfig.mlp_heads``).
 Fine-tuning code freezes, resets or replaces these by their dotted names (``tlmat.transfer``
 maps them to the paper's seven ALIGNN children); ``TLModel.frozen`` keeps BatchNorm statistics
-of frozen parts fixed, which ``requires_grad=False`` alone would not.
+of frozen parts fixed, which ``requires_grad=False`` alone would not. ``arch: chgnet`` wraps
+the pre-trained CHGNet's layers in the same split (``tlmat.models.chgnet``).
 """
 
 from __future__ import annotations
@@ -21,11 +22,17 @@ from torch import nn
 from tlmat.models.alignn import ALIGNNBackbone
 from tlmat.models.cgcnn import CGCNNBackbone
 
+#: architectures on tlmat's own featurizer graphs (``tlmat.graphs``)
 ARCHS = ("alignn", "cgcnn")
+#: pre-trained foundation models on their own graphs (``chgnet``: ``tlmat.models.chgnet``)
+FOUNDATION_ARCHS = ("chgnet",)
+ALL_ARCHS = (*ARCHS, *FOUNDATION_ARCHS)
+#: ModelConfig fields that only ``arch: chgnet`` reads (left out of other archs' to_dict)
+CHGNET_FIELDS = ("chgnet_version", "chgnet_atom_graph_cutoff", "chgnet_bond_graph_cutoff")
 #: width of the paper's new prediction head: Linear(hidden, 64) -> Linear(64, 1)
 NEW_HEAD_HIDDEN = 64
 
-__all__ = ["ARCHS", "ModelConfig", "TLModel", "build_model"]
+__all__ = ["ALL_ARCHS", "ARCHS", "FOUNDATION_ARCHS", "ModelConfig", "TLModel", "build_model"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +44,14 @@ class ModelConfig:
     featurizer's cutoff for the bond lengths to cover the basis. ``mlp_heads`` names the heads
     built as the paper's new prediction head ``Linear(hidden, 64) -> Linear(64, 1)`` (what
     ``new_head`` and ``new_head_freeze`` attach); the other heads are ``Linear(hidden, 1)``.
+
+    ``arch: chgnet`` (``tlmat.models.chgnet``) takes its architecture from the shipped
+    pre-trained CHGNet ``chgnet_version``: ``hidden`` becomes its feature width (64),
+    ``alignn_layers`` its ``n_conv - 1`` full interaction blocks and ``gcn_layers`` 1 (its
+    last, atom-conv-only block), whatever the config says; ``embedding``, ``atom_features``,
+    ``edge_features``, ``angle_features`` and ``cutoff`` are not used. Its graphs are CHGNet's
+    own, built with ``chgnet_atom_graph_cutoff`` / ``chgnet_bond_graph_cutoff``
+    (``tlmat.models.chgnet_graphs``); ``readout_layers`` adds fresh layers after pooling.
     """
 
     arch: str = "alignn"
@@ -51,10 +66,13 @@ class ModelConfig:
     cutoff: float = 8.0
     heads: tuple[str, ...] = ("target",)
     mlp_heads: tuple[str, ...] = ()
+    chgnet_version: str = "0.3.0"
+    chgnet_atom_graph_cutoff: float = 6.0
+    chgnet_bond_graph_cutoff: float = 3.0
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            raise ValueError(f"model.arch: unknown architecture {self.arch!r}; known: {ARCHS}")
+        if self.arch not in ALL_ARCHS:
+            raise ValueError(f"model.arch: unknown architecture {self.arch!r}; known: {ALL_ARCHS}")
         # lists from YAML/JSON become tuples so the config stays hashable and comparable
         object.__setattr__(self, "heads", tuple(self.heads))
         object.__setattr__(self, "mlp_heads", tuple(self.mlp_heads))
@@ -73,12 +91,33 @@ class ModelConfig:
                 raise ValueError(f"model.{name} must be >= 0, got {getattr(self, name)}")
         if self.cutoff <= 0:
             raise ValueError(f"model.cutoff must be > 0, got {self.cutoff}")
+        if self.arch == "chgnet":
+            self._fix_chgnet_architecture()
+
+    def _fix_chgnet_architecture(self) -> None:
+        """Set the widths and depths that the pre-trained CHGNet fixes (see class docs)."""
+        from tlmat.models.chgnet import chgnet_dims
+        from tlmat.models.chgnet_graphs import CHGNetGraphSettings
+
+        for name in ("chgnet_atom_graph_cutoff", "chgnet_bond_graph_cutoff"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+        try:
+            CHGNetGraphSettings.from_model_config(self)
+        except ValueError as err:
+            raise ValueError(f"model: {err}") from err
+        hidden, n_conv = chgnet_dims(self.chgnet_version)
+        object.__setattr__(self, "hidden", hidden)
+        object.__setattr__(self, "alignn_layers", n_conv - 1)
+        object.__setattr__(self, "gcn_layers", 1)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON/YAML-ready dict (heads as a list) that ``from_dict`` reads back."""
         values = dataclasses.asdict(self)
         values["heads"] = list(self.heads)
         values["mlp_heads"] = list(self.mlp_heads)
+        if self.arch != "chgnet":
+            for name in CHGNET_FIELDS:
+                del values[name]
         return values
 
     @classmethod
@@ -119,7 +158,16 @@ def _build_backbone(config: ModelConfig) -> nn.Module:
             edge_features=config.edge_features,
             cutoff=config.cutoff,
         )
-    raise ValueError(f"model.arch: unknown architecture {config.arch!r}; known: {ARCHS}")
+    if config.arch == "chgnet":
+        from tlmat.models.chgnet import CHGNetBackbone  # imports chgnet (seconds): lazily
+
+        return CHGNetBackbone(
+            version=config.chgnet_version,
+            atom_graph_cutoff=config.chgnet_atom_graph_cutoff,
+            bond_graph_cutoff=config.chgnet_bond_graph_cutoff,
+            readout_layers=config.readout_layers,
+        )
+    raise ValueError(f"model.arch: unknown architecture {config.arch!r}; known: {ALL_ARCHS}")
 
 
 def make_head(hidden: int, mlp: bool = False) -> nn.Module:
