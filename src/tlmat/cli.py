@@ -104,7 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     finetune = verbs.add_parser("finetune", help="fine-tune a checkpoint on a data set")
     _common(finetune)
     _run_arguments(finetune)
-    finetune.add_argument("--checkpoint", type=Path, required=True, help="pre-trained model.pt")
+    finetune.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="pre-trained model.pt; without it, model.arch chgnet fine-tunes the pre-trained "
+        "CHGNet shipped with the chgnet package (required for the other architectures)",
+    )
     finetune.add_argument(
         "--strategy",
         help="full | last_layer | unfreeze_2body | unfreeze_3body | new_head | new_head_freeze "
@@ -241,6 +246,12 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif args.verb == "featurize":
         _featurize(config, args)
     elif args.verb in ("train", "finetune"):
+        shipped = runs.uses_chgnet(config) and args.kind == "finetune"
+        if args.verb == "finetune" and args.checkpoint is None and not shipped:
+            raise ValueError(
+                "finetune: give --checkpoint (a pre-trained model.pt); only model.arch "
+                "chgnet fine-tunes without one, from its shipped pre-trained weights"
+            )
         spec = runs.RunSpec(
             run_id=args.run_id or str(args.out),
             dataset=args.dataset,

@@ -244,6 +244,17 @@ def data_params(config: Mapping, key: str) -> dict:
     }
 
 
+def graph_key(config: Mapping) -> str:
+    """The folder of a config's graph caches: the featurizer's key, or for ``model.arch:
+    chgnet`` (which reads CHGNet's own graphs) ``chgnet-`` + its converter settings' key."""
+    model = config.get("model") or {}
+    if model.get("arch") == "chgnet":
+        from tlmat.models.chgnet_graphs import CHGNetGraphSettings  # torch: only when asked
+
+        return "chgnet-" + CHGNetGraphSettings.from_section(model).cache_key()
+    return FeaturizerSettings.from_dict(config.get("featurizer")).cache_key()
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """Where every artefact of a config lives. Prepared data, graphs and the overlap are
@@ -259,7 +270,7 @@ class Layout:
         return cls(
             resources=Path(config["resources_dir"]),
             results=Path(config["results_dir"]),
-            graph_key=FeaturizerSettings.from_dict(config.get("featurizer")).cache_key(),
+            graph_key=graph_key(config),
             data_keys={key: short_hash(data_params(config, key)) for key in config["datasets"]},
         )
 

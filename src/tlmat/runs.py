@@ -112,12 +112,28 @@ def prepare_dataset(config: Mapping, key: str, frame_out: Path, splits_out: Path
     )
 
 
+def uses_chgnet(config: Mapping) -> bool:
+    """``model.arch: chgnet``: runs read CHGNet's own graphs and start from its weights."""
+    return config["model"]["arch"] == "chgnet"
+
+
+def chgnet_graph_settings(config: Mapping):
+    from tlmat.models.chgnet_graphs import CHGNetGraphSettings
+
+    return CHGNetGraphSettings.from_section(config["model"])
+
+
 def build_graphs(config: Mapping, frame_path: Path, graphs_out: Path) -> None:
-    """Featurize every structure of a prepared data set once."""
+    """Featurize every structure of a prepared data set once (with CHGNet's converter for
+    ``arch: chgnet``)."""
     frame = read_frame(frame_path)
-    cache = featurize(
-        list(frame["structure"]), frame.index, frame["target"], featurizer_settings(config)
-    )
+    structures, ids, targets = list(frame["structure"]), frame.index, frame["target"]
+    if uses_chgnet(config):
+        from tlmat.models.chgnet_graphs import featurize_chgnet
+
+        cache = featurize_chgnet(structures, ids, targets, chgnet_graph_settings(config))
+    else:
+        cache = featurize(structures, ids, targets, featurizer_settings(config))
     cache.save(graphs_out)
 
 
@@ -175,6 +191,10 @@ class RunInputs:
         )
 
     def cache(self, config: Mapping, ds: str) -> GraphCache:
+        if uses_chgnet(config):
+            from tlmat.models.chgnet_graphs import CHGNetGraphCache
+
+            return CHGNetGraphCache.load(self.graphs[ds], chgnet_graph_settings(config))
         return GraphCache.load(self.graphs[ds], featurizer_settings(config))
 
     def splits_of(self, ds: str) -> dict:
@@ -331,7 +351,7 @@ def _train_settings(config: Mapping, spec: RunSpec) -> TrainSettings:
     settings = TrainSettings.from_config(config["train"])
     settings = settings.for_run(spec.size, pretrain=spec.kind == "pretrain")
     lr = spec.lr
-    if lr is None and spec.checkpoint is not None:
+    if lr is None and is_finetune(config, spec):
         lr = finetune_lr(config)
     overrides = {"lr": lr, "epochs": spec.epochs}
     return dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
@@ -432,8 +452,45 @@ def _split_graphs(cache: GraphCache, splits: Mapping, train_ids: list[int], val_
     return cache.graphs(train_ids), cache.graphs(val_ids), cache.graphs(test_ids), test_ids
 
 
+def from_shipped_chgnet(config: Mapping, spec: RunSpec) -> bool:
+    """A fine-tune of the pre-trained CHGNet shipped with the chgnet package: ``arch:
+    chgnet``, kind ``finetune`` and no checkpoint (its pre-training is MPtrj, not a run)."""
+    return uses_chgnet(config) and spec.kind == "finetune" and spec.checkpoint is None
+
+
+def is_finetune(config: Mapping, spec: RunSpec) -> bool:
+    """The run starts from pre-trained weights: a checkpoint, or the shipped CHGNet."""
+    return spec.checkpoint is not None or from_shipped_chgnet(config, spec)
+
+
+def shipped_chgnet_stage(config: Mapping) -> dict:
+    """The lineage stage of the shipped CHGNet: what it was pre-trained on, by whom."""
+    version = config["model"].get("chgnet_version", ModelConfig.chgnet_version)
+    return {
+        "dataset": "chgnet",
+        "size": None,
+        "n": None,
+        "trial": None,
+        "strategy": None,
+        "pretrained": f"CHGNet {version} (MPtrj), shipped with the chgnet package",
+    }
+
+
+def _shipped_chgnet(config: Mapping, spec: RunSpec):
+    """The shipped CHGNet with a head for the run's target, prepared by the strategy."""
+    from tlmat.models.chgnet import pretrained_chgnet_model
+
+    model_config = ModelConfig.from_dict({**config["model"], "heads": [spec.dataset]})
+    model = pretrained_chgnet_model(model_config)
+    apply_strategy(model, spec.strategy, spec.dataset)
+    return model, [shipped_chgnet_stage(config)]
+
+
 def _build_or_load_model(config: Mapping, spec: RunSpec, featurizer: FeaturizerSettings):
-    """Scratch: a fresh model. Fine-tune: the checkpoint's model prepared by the strategy."""
+    """Scratch: a fresh model. Fine-tune: the checkpoint's model (or the shipped CHGNet)
+    prepared by the strategy."""
+    if from_shipped_chgnet(config, spec):
+        return _shipped_chgnet(config, spec)
     if spec.checkpoint is None:
         model_config = ModelConfig.from_dict(
             {
@@ -473,7 +530,7 @@ def execute_run(
     metrics.json. Without ``inputs`` (standalone use) they are built first when missing or
     stale (:func:`ensure_inputs`)."""
     stopwatch = Stopwatch()
-    if spec.checkpoint is not None and spec.strategy is None:  # one place for the default
+    if is_finetune(config, spec) and spec.strategy is None:  # one place for the default
         spec = dataclasses.replace(spec, strategy=finetune_strategy(config))
     if spec.sampling is None:
         spec = dataclasses.replace(spec, sampling=run_sampling(config, spec.kind))
@@ -520,8 +577,8 @@ def execute_run(
         "pt_size": source.get("size"),
         "pt_n": source.get("n"),
         "pt_trial": source.get("trial"),
-        "chain": ">".join(f"{s['dataset']}:{s['size']}" for s in [*lineage, stage]),
-        "strategy": spec.strategy if spec.checkpoint is not None else None,
+        "chain": ">".join(_stage_name(s) for s in [*lineage, stage]),
+        "strategy": spec.strategy if is_finetune(config, spec) else None,
         "lr": settings.lr,
         "sampling": spec.sampling,
         "n_train": len(train_g),
@@ -553,6 +610,12 @@ def execute_run(
     )
     resume.path.unlink(missing_ok=True)
     return metrics
+
+
+def _stage_name(stage: Mapping) -> str:
+    """``dataset:size`` of a lineage stage; a shipped model has no size (``chgnet``)."""
+    size = stage.get("size")
+    return stage["dataset"] if size is None else f"{stage['dataset']}:{size}"
 
 
 def resume_state(config: Mapping, spec: RunSpec, seed: int, settings: TrainSettings) -> Resume:

@@ -30,7 +30,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +79,14 @@ class CHGNetGraphSettings:
                 f"chgnet bond_graph_cutoff must be in (0, atom_graph_cutoff="
                 f"{self.atom_graph_cutoff}], got {self.bond_graph_cutoff}"
             )
+
+    @classmethod
+    def from_section(cls, model: Mapping | None) -> CHGNetGraphSettings:
+        """The settings of a config's ``model`` section (unset cut-offs: the defaults)."""
+        model = model or {}
+        keys = {"atom_graph_cutoff": "chgnet_atom_graph_cutoff"}
+        keys["bond_graph_cutoff"] = "chgnet_bond_graph_cutoff"
+        return cls(**{field: model[key] for field, key in keys.items() if key in model})
 
     @classmethod
     def from_model_config(cls, config) -> CHGNetGraphSettings:
