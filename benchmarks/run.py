@@ -1,4 +1,5 @@
-"""Throughput benchmark: featurization, ALIGNN training and inference on the real dc data.
+"""Throughput benchmark: featurization, ALIGNN training and inference on the real dc data,
+and the same for the pre-trained CHGNet (its own graphs; fine-tuned with ``full``).
 
 Usage::
 
@@ -55,6 +56,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=10,
         help="timed steps of the pure-PyTorch path, for comparison (0 to skip)",
+    )
+    parser.add_argument(
+        "--chgnet-steps",
+        type=int,
+        default=20,
+        help="timed fine-tuning steps of the pre-trained CHGNet (0 to skip CHGNet)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
@@ -159,6 +166,43 @@ def time_inference(model: TLModel, batches: list[Batch], warmup: int) -> Timer:
     return timer
 
 
+def time_chgnet(frame, args: argparse.Namespace) -> dict:
+    """The pre-trained CHGNet on the same structures: its graphs (CHGNet's converter, once),
+    then fine-tuning under ``full`` (every parameter trains, a fresh head) and inference, with
+    the same batches, timers and threads as ALIGNN."""
+    from tlmat.models.chgnet import pretrained_chgnet_model
+    from tlmat.models.chgnet_graphs import CHGNetGraphSettings, featurize_chgnet
+    from tlmat.transfer import apply_strategy
+
+    structures, ids, targets = list(frame.structure), list(frame.index), list(frame.target)
+    start = time.perf_counter()
+    cache = featurize_chgnet(structures, ids, targets, CHGNetGraphSettings(), progress=False)
+    featurize_s = time.perf_counter() - start
+    bs = args.batch_size
+    order = np.random.default_rng(args.seed).permutation(len(ids))
+    chunks = [[ids[i] for i in order[k : k + bs]] for k in range(0, len(ids) - bs + 1, bs)]
+    mean, std = float(np.mean(targets)), float(np.std(targets))
+    batches = [Batch.from_data_list(cache.graphs(c)) for c in chunks]
+    for batch in batches:
+        batch.y = ((batch.y - mean) / std).float()
+    n_bonds = sum(g.atom_graph.shape[0] for b in batches for g in b.crystal_graph)
+    torch.manual_seed(args.seed)
+    model = apply_strategy(pretrained_chgnet_model(heads=("dc",)), "full", "dc")
+    train = time_training(model, batches, args.chgnet_steps, args.warmup).rates(bs, args.threads)
+    infer = time_inference(model, batches, args.warmup).rates(bs, args.threads)
+    return {
+        "chgnet_featurize_structures_per_s": len(ids) / featurize_s,
+        "chgnet_train_structures_per_s": train["median"],
+        "chgnet_infer_structures_per_s": infer["median"],
+        "chgnet_train_structures_per_s_cpu_time": train["cpu"],
+        "chgnet_infer_structures_per_s_cpu_time": infer["cpu"],
+        "chgnet_n_train_timed": bs * args.chgnet_steps,
+        "chgnet_mean_directed_bonds_per_structure": n_bonds / (len(batches) * bs),
+        "chgnet_n_parameters": sum(p.numel() for p in model.parameters()),
+        "chgnet_strategy": "full",
+    }
+
+
 def set_native(model: TLModel, enabled: bool) -> None:
     for module in model.modules():
         if isinstance(module, EdgeGatedGraphConv):
@@ -181,8 +225,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     frame = load_frame(args.data)
     featurize_s, cache = time_featurize(frame, args.featurize_repeats)
+    structures = frame[["structure", "target"]] if args.chgnet_steps > 0 else None
     # a training job never holds pymatgen structures (it reads the graph cache), so
-    # neither does the rest of the benchmark
+    # neither does the rest of the benchmark (CHGNet's graphs are built after ALIGNN's runs)
     del frame
     gc.collect()
     with tempfile.TemporaryDirectory() as tmp:
@@ -213,6 +258,10 @@ def main(argv: list[str] | None = None) -> dict:
             "pytorch_path_infer_structures_per_s": ref_infer.rates(bs, args.threads)["median"],
             "pytorch_path_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
+    n_infer = bs * len(batches)
+    del model, batches
+    gc.collect()
+    chgnet = time_chgnet(structures, args) if structures is not None else {}
     results = {
         "featurize_structures_per_s": len(cache) / featurize_s,
         "train_structures_per_s": train["median"],
@@ -224,11 +273,12 @@ def main(argv: list[str] | None = None) -> dict:
         "train_structures_per_s_cpu_time": train["cpu"],
         "infer_structures_per_s_cpu_time": infer["cpu"],
         **reference,
+        **chgnet,
         "collate_structures_per_s": collate_rate,
         "native_kernels": native_available(),
         "n_structures_featurized": len(cache),
         "n_structures_train_timed": bs * args.train_steps,
-        "n_structures_infer_timed": bs * len(batches),
+        "n_structures_infer_timed": n_infer,
         "mean_bonds_per_structure": n_bonds,
         "n_parameters": n_params,
         "model_config": ModelConfig().to_dict(),

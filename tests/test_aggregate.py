@@ -492,10 +492,12 @@ def test_write_tables_writes_every_file(study: list[Path], tmp_path: Path) -> No
         "sampling.csv",
         "mpt.csv",
         "chains.csv",
+        "foundation.csv",
         "headline.csv",
         "comparison.csv",
         "trial_parity.csv",
         "environment.csv",
+        "recommendation.csv",
         "summary.md",
     ]
     assert all(p.stat().st_size > 0 for p in written)

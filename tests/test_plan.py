@@ -42,8 +42,11 @@ def test_full_study_runs_per_family():
     # 3 stage runs x 5 trials, + FE:941 -> EBG:800 straight (the grid's), beside the chain;
     # the FE and BG PT models are the sweep's
     assert counts["chains"] == (2 + 15 + 5, 15)
+    # the shipped CHGNet on 8 targets x 5 sizes x 2 strategies x 5 trials (no PT run)
+    assert counts["foundation"] == (400, 400)
     kinds = {kind: len(plan.of_kind(kind)) for kind in ("pretrain", "finetune", "chain")}
-    assert kinds == {"pretrain": 17, "finetune": 1225 + 300 + 400 + 700 + 255 + 20, "chain": 15}
+    finetunes = 1225 + 300 + 400 + 700 + 255 + 20 + 400
+    assert kinds == {"pretrain": 17, "finetune": finetunes, "chain": 15}
 
 
 def test_quick_study_runs_per_family():
@@ -53,17 +56,18 @@ def test_quick_study_runs_per_family():
     ]
     counts = {family: new for family, _, new in plan.counts()}
     assert counts == {
-        "scratch": 14,
-        "pairwise": 7 + 84,
+        "scratch": 16,  # 7 data sets + mine (the user-target example, target-only) x 2 sizes
+        "pairwise": 7 + 84 + 14,  # the 7 x 6 grid, + every source -> mine, at FT 100 and 500
         "pt_size_sweep": 2 + 12,
         "strategies": 16,  # 4 pairs x the paper's 5 strategies, `full` the grid's
         "unfrozen_layers": 3,  # BG -> DC at FT 100, freeze_before:1, 4, 7
         "learning_rate": 8,  # 2 pairs x 3 rates x 2 strategies, 1e-3 the grid's and strategies'
         "sampling": 1,  # BG -> DC at FT 100, stratified; the random run is the grid's
-        "mpt": 2 + 2,  # without_dc -> dc, without_ebg -> ebg; `all` has no OOD target here
+        "mpt": 2 + 2 + 2,  # without_dc -> dc, without_ebg -> ebg, all -> mine (target-only)
         "chains": 3,
+        "foundation": 2 * 8,  # every usable target x full, new_head_freeze at FT 100
     }
-    assert len(plan.runs) == sum(counts.values()) == 154
+    assert len(plan.runs) == sum(counts.values()) == 188
 
 
 def test_runs_know_their_inputs_and_groups(tmp_path):
@@ -98,6 +102,7 @@ def test_runs_know_their_inputs_and_groups(tmp_path):
     assert {(plan[r.checkpoint].variant, r.dataset) for r in mpt_fts} == {
         ("without_dc", "dc"),
         ("without_ebg", "ebg"),
+        ("all", "mine"),
     }
     stage3 = plan["chain/fe-941.bg-2000.ebg-100/t1"]
     assert (

@@ -214,3 +214,24 @@ def test_a_head_of_a_multi_head_model_can_be_chosen(tmp_path, crystals):
     assert run("-m", tmp_path / "multi.pt", "--head", "bb", "-s", folder, "-o", out) == 0
     expected = forward(model, structures, head="bb")
     np.testing.assert_allclose(pd.read_csv(out)["prediction"], expected, atol=1e-4)
+
+
+def test_predict_on_a_chgnet_checkpoint_builds_chgnets_graphs(tmp_path, crystals):
+    """A fine-tuned CHGNet (model.arch chgnet) predicts from CHGNet's own graphs, built with
+    its model's cut-offs; the featurizer stored beside it (tlmat's) is not used."""
+    pytest.importorskip("chgnet", reason="model.arch chgnet needs the chgnet package")
+    from tlmat.models import chgnet_graphs as cg
+
+    folder, structures = crystals
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="chgnet", heads=("aa",))).eval()
+    save_checkpoint(tmp_path / "model.pt", model, SETTINGS, {"aa": SCALER}, "chgnet-ft", [])
+    settings = cg.CHGNetGraphSettings.from_model_config(model.config)
+    n = len(structures)
+    graphs = cg.featurize_chgnet(structures, range(n), [0.0] * n, settings, False).graphs(range(n))
+    with torch.inference_mode():
+        want = SCALER.inverse(model(Batch.from_data_list(graphs), heads=["aa"])["aa"]).double()
+    assert run("-m", tmp_path / "model.pt", "-s", folder, "-o", tmp_path / "p.csv") == 0
+    got = pd.read_csv(tmp_path / "p.csv")
+    assert list(got["id"]) == [f"s{k}" for k in range(n)]
+    np.testing.assert_allclose(got["prediction"], want.numpy(), rtol=1e-5, atol=1e-5)

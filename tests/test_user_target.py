@@ -89,3 +89,49 @@ def test_fewer_structures_than_the_smallest_ft_size_stop_prepare_before_writing(
     with pytest.raises(DataError, match="fewer than the smallest FT size 10"):
         prepare_dataset(config, "mine", frame_out, splits_out)
     assert not frame_out.exists() and not splits_out.exists()
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda f: (f / "2.cif").write_text("data_x\nnot a cif\n"), "2.cif"),
+        (lambda f: _csv(f, "id,value\n1,0.5\n2,\n"), "missing value"),
+        (lambda f: _csv(f, "id,value\n1,0.5\n1,0.7\n"), "duplicate id 1"),
+    ],
+    ids=["unparsable cif", "missing value", "duplicate id"],
+)
+def test_a_bad_file_stops_prepare_with_nothing_written(tmp_path, edit, message):
+    folder, _ = _folder(tmp_path)
+    edit(folder)
+    config = tiny_config(
+        tmp_path,
+        [],
+        "datasets={aa: {source: file, label: AA}, mine: {source: file, path: "
+        f"{folder / 'values.csv'}, label: mine}}}}",
+        "study.ft_sizes=[2]",
+        "study.datasets=[aa, mine]",
+    )
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=message) as info:
+        prepare_dataset(config, "mine", out / "mine.json.gz", out / "mine.json")
+    assert "\n" not in str(info.value)
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda f: f.set_axis([1, 1, 3, 4, 5]), "duplicate id 1"),
+        (lambda f: f.assign(target=[0.1, None, 0.3, 0.4, 0.5]), "missing value"),
+    ],
+    ids=["duplicate id", "missing value"],
+)
+def test_a_bad_matminer_frame_is_one_line_naming_the_file(tmp_path, edit, message):
+    from conftest import make_frame
+
+    frame = make_frame(5)
+    frame.index = [1, 2, 3, 4, 5]
+    write_frame(edit(frame), tmp_path / "mine.json.gz")
+    with pytest.raises(DataError, match=message) as info:
+        load_user_dataset(_spec(tmp_path / "mine.json.gz"))
+    assert "\n" not in str(info.value) and "mine.json.gz" in str(info.value)

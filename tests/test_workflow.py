@@ -35,6 +35,8 @@ TINY_STUDY = {
         "mpt": {"variants": ["all", "without_aa"], "targets": ["aa", "bb", OOD], "pt_size": 20},
         "ood_targets": [OOD],
         "chains": [{"stages": ["aa:30", "bb:20", "cc:20"]}, {"stages": ["bb:30", "cc:20"]}],
+        # CHGNet fine-tunes are slow on CPU: the family is tested in test_foundation.py
+        "families": {"foundation": False},
     },
 }
 

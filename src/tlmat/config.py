@@ -169,3 +169,35 @@ class FeaturizerSettings:
         if unknown:
             raise ValueError(f"featurizer: unknown setting(s) {unknown}; known: {sorted(known)}")
         return cls(**values)
+
+
+# CHGNet's graphs (``model.arch: chgnet``) are named by the converter's two cut-offs. The key
+# is computed here, torch-free, so the plan lays out CHGNet graph caches (the foundation
+# family's, beside the study model's) without importing chgnet;
+# ``tlmat.models.chgnet_graphs.CHGNetGraphSettings.cache_key`` returns the same value.
+
+CHGNET_CACHE_FORMAT = 1
+#: the converter cut-offs of the pre-trained CHGNet (Å): atom graph, bond (angle) graph
+CHGNET_CUTOFFS = {"chgnet_atom_graph_cutoff": 6.0, "chgnet_bond_graph_cutoff": 3.0}
+
+
+def chgnet_cache_key(atom_graph_cutoff: float, bond_graph_cutoff: float) -> str:
+    """Short hash of CHGNet's converter cut-offs plus the cache format."""
+    payload = json.dumps(
+        {
+            "atom_graph_cutoff": float(atom_graph_cutoff),
+            "bond_graph_cutoff": float(bond_graph_cutoff),
+            "kind": "chgnet",
+            "format": CHGNET_CACHE_FORMAT,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha1(payload.encode()).hexdigest()[:10]
+
+
+def chgnet_graph_key(model: Mapping | None) -> str:
+    """``chgnet-<key>``: the graph folder of a ``model`` section run as CHGNet (its cut-offs,
+    else the pre-trained ones)."""
+    model = model or {}
+    cutoffs = [model.get(key, default) for key, default in CHGNET_CUTOFFS.items()]
+    return "chgnet-" + chgnet_cache_key(*cutoffs)

@@ -46,6 +46,7 @@ class DatasetSpec:
     units: str = ""
     target_only: bool = False
     drop_bad_records: bool = False
+    in_mptrj: bool | None = None  # read by the report only (foundation.csv), never here
 
     @classmethod
     def from_config(cls, config: Mapping, key: str) -> DatasetSpec:

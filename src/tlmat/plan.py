@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from tlmat.config import FeaturizerSettings, finetune_lr, finetune_strategy
+from tlmat.config import FeaturizerSettings, chgnet_graph_key, finetune_lr, finetune_strategy
 
 RUN_FILES = ("model.pt", "predictions.csv", "history.csv", "metrics.json")
 """What every training run writes into its directory (``metrics.json`` last)."""
@@ -42,6 +42,7 @@ FAMILIES = (
     "sampling",
     "mpt",
     "chains",
+    "foundation",
 )
 RANDOM = "random"  # the sampling of published subsets (tlmat.data.SAMPLING_METHODS)
 MPT_ALL = "all"
@@ -51,6 +52,8 @@ FRESH_HEAD = ("new_head", "new_head_freeze")
 # head-reusing strategies on a target the MPT model has no head for (leave-one-out): full
 # runs as new_head; the others have no fresh-head twin and are skipped
 MPT_FRESH_HEAD = {"full": "new_head"}
+# the foundation family fine-tunes this shipped pre-trained model (model.arch of its runs)
+FOUNDATION_ARCH = "chgnet"
 
 
 # ----------------------------------------------------------------------------- config views
@@ -203,6 +206,8 @@ def study_datasets(config: Mapping) -> list[str]:
             for stage in chain["stages"]
             if not stage.startswith("ext:")
         ]
+    if families.get("foundation"):
+        keys += study["foundation"].get("targets") or []
     keys += ood_targets(config)
     registry = config.get("datasets", {})
     return [ds for ds in dict.fromkeys(keys) if ds in registry]
@@ -232,12 +237,17 @@ def _absolute(path: str | None) -> str | None:
     return None if path is None else os.path.abspath(path)
 
 
+#: registry keys that only the report reads: they never rename (or re-prepare) a data set
+REPORT_ONLY_KEYS = ("in_mptrj",)
+
+
 def data_params(config: Mapping, key: str) -> dict:
     """Everything a prepared data set depends on: its registry entry, where its records
     come from and the split settings. Its hash names the prepared files, so preparing from
     another source never reuses (or overwrites) what an earlier source produced."""
+    entry = config["datasets"][key]
     return {
-        "entry": config["datasets"][key],
+        "entry": {k: v for k, v in entry.items() if k not in REPORT_ONLY_KEYS},
         "data_dir": _absolute(config.get("data_dir")),
         "splits_file": _absolute(config.get("splits_file")),
         **{k: config[k] for k in ("seed", "test_fraction")},
@@ -249,10 +259,21 @@ def graph_key(config: Mapping) -> str:
     chgnet`` (which reads CHGNet's own graphs) ``chgnet-`` + its converter settings' key."""
     model = config.get("model") or {}
     if model.get("arch") == "chgnet":
-        from tlmat.models.chgnet_graphs import CHGNetGraphSettings  # torch: only when asked
-
-        return "chgnet-" + CHGNetGraphSettings.from_section(model).cache_key()
+        return chgnet_graph_key(model)
     return FeaturizerSettings.from_dict(config.get("featurizer")).cache_key()
+
+
+def foundation_model(config: Mapping) -> dict:
+    """The ``model`` section of the foundation family's runs: the study's, run as the
+    shipped CHGNet of ``study.foundation.chgnet_version`` (what their ``--set`` says)."""
+    version = config["study"]["foundation"]["chgnet_version"]
+    return {**config["model"], "arch": FOUNDATION_ARCH, "chgnet_version": version}
+
+
+def foundation_overrides(config: Mapping) -> list[str]:
+    """``--set`` assignments that turn the study's config into a foundation run's."""
+    model = foundation_model(config)
+    return [f"model.{key}={model[key]}" for key in ("arch", "chgnet_version")]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,14 +285,21 @@ class Layout:
     results: Path
     graph_key: str
     data_keys: Mapping[str, str]
+    #: the graph folder of runs of another architecture than the study's (the foundation
+    #: family's CHGNet), by arch
+    arch_graph_keys: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_config(cls, config: Mapping) -> Layout:
+        arch_keys = {}
+        if "foundation" in config.get("study", {}):  # a validated config (not a bare one)
+            arch_keys[FOUNDATION_ARCH] = graph_key({"model": foundation_model(config)})
         return cls(
             resources=Path(config["resources_dir"]),
             results=Path(config["results_dir"]),
             graph_key=graph_key(config),
             data_keys={key: short_hash(data_params(config, key)) for key in config["datasets"]},
+            arch_graph_keys=arch_keys,
         )
 
     def name(self, ds: str) -> str:
@@ -289,8 +317,15 @@ class Layout:
     def splits(self, ds: str, name: str | None = None) -> Path:
         return self.resources / "splits" / f"{name or self.name(ds)}.json"
 
-    def graphs(self, ds: str, name: str | None = None) -> Path:
-        return self.resources / "graphs" / self.graph_key / f"{name or self.name(ds)}.pt"
+    def graphs(self, ds: str, name: str | None = None, arch: str | None = None) -> Path:
+        """The graph cache of ``ds``; ``arch``: that of runs of this architecture (the
+        foundation family's CHGNet graphs), when it is not the study's."""
+        key = self.arch_graph_keys.get(arch, self.graph_key) if arch else self.graph_key
+        return self.resources / "graphs" / key / f"{name or self.name(ds)}.pt"
+
+    def extra_graph_keys(self) -> dict[str, str]:
+        """Arch -> graph folder, for the architectures whose graphs are not the study's."""
+        return {a: k for a, k in self.arch_graph_keys.items() if k != self.graph_key}
 
     @staticmethod
     def dataset_of(name: str) -> str:
@@ -365,6 +400,7 @@ class Run:
     group: str | None = None  # cluster group (one sbatch job per PT model and its FTs)
     sampling: str = "random"  # fine-tunes: how the subset is drawn (tlmat.data.subset_ids)
     intermediate: bool = False  # a chain stage that is no chain's final one: trains like PT
+    arch: str | None = None  # another model.arch than the study's (foundation: chgnet)
 
     @property
     def datasets(self) -> tuple[str, ...]:
@@ -405,6 +441,22 @@ def finetune_run(
         lr=lr,
         checkpoint=f"pt/{src}-{pt_size}/t{pt_trial}",
         group=pt_group(src, pt_size, pt_trial),
+    )
+
+
+def foundation_run(version: str, ds: str, size: int, strategy: str, lr: float, trial: int) -> Run:
+    """A fine-tune of the shipped pre-trained CHGNet (no checkpoint: its weights ship with
+    the chgnet package): ``foundation/chgnet-<version>/ft-<ds>-<size>/<strategy>-lr<lr>/t<k>``."""
+    return Run(
+        f"foundation/{FOUNDATION_ARCH}-{version}/ft-{ds}-{size}/{strategy_tag(strategy)}"
+        f"-lr{lr_tag(lr)}/t{trial}",
+        "finetune",
+        ds,
+        size,
+        trial,
+        strategy=strategy,
+        lr=lr,
+        arch=FOUNDATION_ARCH,
     )
 
 
@@ -580,7 +632,7 @@ class Plan:
         fine-tunes, and the overlap file (PT pool exclusions, MPT clusters) where used."""
         run = self[run_id]
         inputs: dict[str, str | list[str]] = {
-            "graphs": [str(self.layout.graphs(ds)) for ds in run.datasets],
+            "graphs": [str(self.layout.graphs(ds, arch=run.arch)) for ds in run.datasets],
             "splits": [str(self.layout.splits(ds)) for ds in run.datasets],
         }
         if run.checkpoint is not None:
@@ -649,12 +701,16 @@ def build_plan(config: Mapping) -> Plan:
         finetunes += _add(plan, "sampling", _sampling(config))
     mpt_finetunes = _add(plan, "mpt", _mpt(plan, config, ood)) if families["mpt"] else []
     chain_stages = _add(plan, "chains", _chains(config)) if families["chains"] else []
+    foundation = (
+        _add(plan, "foundation", _foundation(config, ood)) if families["foundation"] else []
+    )
     finals = {
         f"chain/{_chain_prefix(c['stages'])}/t{t}" for c in study["chains"] for t in _trials(config)
     }
     chain_finals = [run for run in chain_stages if run.id in finals]
     if families["scratch"]:
-        _add(plan, "scratch", _scratch(config, [*finetunes, *mpt_finetunes, *chain_finals]))
+        compared = [*finetunes, *mpt_finetunes, *chain_finals, *foundation]
+        _add(plan, "scratch", _scratch(config, compared))
     return plan
 
 
@@ -826,6 +882,32 @@ def _mpt(plan: Plan, config: Mapping, ood: list[str]) -> list[Run]:
     return runs
 
 
+def foundation_targets(config: Mapping, ood: list[str]) -> list[str]:
+    """``study.foundation.targets``, or every study data set and usable OOD target."""
+    targets = config["study"]["foundation"]["targets"] or [*config["study"]["datasets"], *ood]
+    check_keys(config, "study.foundation.targets", targets)
+    return list(dict.fromkeys(targets))
+
+
+def _foundation(config: Mapping, ood: list[str]) -> list[Run]:
+    """The shipped pre-trained CHGNet fine-tuned on every target x FT size x strategy x
+    trial, at the fine-tune learning rate. Its pre-training is MPtrj, not a run of the study,
+    so the runs have no checkpoint; they train ``model.arch: chgnet`` (on CHGNet's graphs)
+    whatever the study's model is, and foundation.csv sets them beside the study model's."""
+    study, lr = config["study"], finetune_lr(config)
+    family = study["foundation"]
+    return [
+        sampled(
+            foundation_run(family["chgnet_version"], ds, size, strategy, lr, t),
+            finetune_sampling(config),
+        )
+        for ds in foundation_targets(config, ood)
+        for size in family["ft_sizes"] or study["ft_sizes"]
+        for strategy in family["strategies"]
+        for t in _trials(config)
+    ]
+
+
 def _chains(config: Mapping) -> list[Run]:
     """Every stage after the first of every chain (stage 1 is a PT run or an external
     checkpoint); run ids name the whole prefix: chain/fe-941.bg-2000/t1.
@@ -909,6 +991,7 @@ def _check_study(config: Mapping) -> None:
                 raise ValueError(f"config: study.{family}.pairs has {pair}: source == target")
         check_sources(config, f"study.{family}.pairs", [p[0] for p in study[family]["pairs"]])
     check_sources(config, "study.mpt.sources", study["mpt"]["sources"] or [])
+    check_keys(config, "study.foundation.targets", study["foundation"]["targets"] or [])
     for pair in study.get("sampling", {}).get("pairs", []):
         check_sources(config, "study.sampling.pairs", pair[:1])
         check_keys(config, "study.sampling.pairs", pair)
@@ -961,10 +1044,20 @@ def resolved_config_path(config: Mapping) -> Path:
 def count_table(plan: Plan) -> str:
     """The plan's jobs per family as a markdown table (the docs' table is this output)."""
     trained = {ds for run in plan.runs.values() for ds in run.datasets}
-    n_prepare, n_featurize = len(trained | set(plan.datasets)), len(trained)
+    n_prepare = len(trained | set(plan.datasets))
+    # graph caches per folder: the study model's, and CHGNet's for the foundation family
+    extra = plan.layout.extra_graph_keys()
+    caches: dict[str | None, set[str]] = {}
+    for run in plan.runs.values():
+        caches.setdefault(run.arch if run.arch in extra else None, set()).update(run.datasets)
     lines = ["| family | runs it asks for | new jobs |", "|---|---:|---:|"]
     lines.append(f"| prepare | {n_prepare} | {n_prepare} |")
-    lines.append(f"| featurize | {n_featurize} | {n_featurize} |")
+    n_featurize = 0
+    for arch in [None, *sorted(a for a in caches if a is not None)]:
+        n = len(caches.get(arch, ()))
+        label = "featurize" if arch is None else f"featurize ({arch} graphs)"
+        lines.append(f"| {label} | {n} | {n} |")
+        n_featurize += n
     lines.append("| leakage | 1 | 1 |")
     n_pool = len(plan.pool_sources())
     if n_pool:

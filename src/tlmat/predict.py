@@ -3,7 +3,9 @@
 The model is a checkpoint, a run directory, or a study cell (a run id without its ``/t<k>``:
 all its trial models, whose spread is reported). Structures are CIF/POSCAR files, folders of
 them, or matminer-format frames. Graphs are built by the training featurizer with the
-settings stored in each checkpoint, and predictions go through the trainer's
+settings stored in each checkpoint (for a fine-tuned CHGNet, ``model.arch: chgnet``: CHGNet's
+own graphs, with the converter cut-offs of its model config), and predictions go through the
+trainer's
 :func:`tlmat.train.predict` with the checkpoint's target statistics, so a prediction here is
 the number the run itself would have written to its ``predictions.csv``.
 """
@@ -14,7 +16,7 @@ import dataclasses
 import logging
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +57,8 @@ class TrialModel:
     model: TLModel
     head: str
     scaler: TargetScaler
-    featurizer: FeaturizerSettings
+    #: how its graphs are built: tlmat's featurizer, or CHGNet's converter settings
+    featurizer: Hashable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,8 +123,18 @@ def load_trial_model(path: Path, head: str | None, device: torch.device) -> Tria
         model=model,
         head=chosen,
         scaler=TargetScaler(float(stats[chosen]["mean"]), float(stats[chosen]["std"])),
-        featurizer=FeaturizerSettings.from_dict(payload["featurizer"]),
+        featurizer=graph_settings(model, payload),
     )
+
+
+def graph_settings(model: TLModel, payload: Mapping) -> Hashable:
+    """What builds the model's graphs: for ``arch: chgnet`` CHGNet's converter with the
+    model's cut-offs (the featurizer section does not apply), else the stored featurizer."""
+    if model.config.arch == "chgnet":
+        from tlmat.models.chgnet_graphs import CHGNetGraphSettings
+
+        return CHGNetGraphSettings.from_model_config(model.config)
+    return FeaturizerSettings.from_dict(payload["featurizer"])
 
 
 def _label(path: Path) -> str:
@@ -212,13 +225,19 @@ def predict_structures(
     """Predictions ``[model, structure]`` in the target's units.
 
     Graphs are built once per featurizer setting the models use (normally one), by the
-    training featurizer; the trainer's predict undoes each head's target standardization.
+    training featurizer (CHGNet's converter for a CHGNet model); the trainer's predict undoes
+    each head's target standardization.
     """
     show = not not_interactive(progress)
-    graphs: dict[FeaturizerSettings, list] = {}
+    graphs: dict[Hashable, list] = {}
     for settings in dict.fromkeys(m.featurizer for m in models):
         n = len(structures)
-        cache = featurize(list(structures), range(n), np.zeros(n), settings, progress=show)
+        if isinstance(settings, FeaturizerSettings):
+            cache = featurize(list(structures), range(n), np.zeros(n), settings, progress=show)
+        else:
+            from tlmat.models.chgnet_graphs import featurize_chgnet
+
+            cache = featurize_chgnet(list(structures), range(n), np.zeros(n), settings, show)
         graphs[settings] = cache.graphs(range(n))
     out = np.empty((len(models), len(structures)))
     bar = tqdm(total=len(models) * len(structures), desc="predict", unit="struct", disable=not show)

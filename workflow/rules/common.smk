@@ -6,8 +6,11 @@ import sys
 from snakemake.utils import min_version, validate
 
 from tlmat.plan import (
+    FOUNDATION_ARCH,
     RUN_FILES,
     build_plan,
+    foundation_model,
+    foundation_overrides,
     read_pool,
     resolved_config_path,
     resolved_config_text,
@@ -43,6 +46,10 @@ os.environ.setdefault("TLMAT_WARM", "1")
 TRAIN_PARAMS = {
     k: config[k] for k in ("seed", "val_fraction", "model", "train", "finetune")
 }
+# the foundation family trains the shipped CHGNet whatever model.arch is: its jobs read the
+# study's config with these --set overrides, and their graphs lie under CHGNet's graph key
+FOUNDATION_SET = " ".join(f"--set {a}" for a in foundation_overrides(config))
+FOUNDATION_PARAMS = {**TRAIN_PARAMS, "model": foundation_model(config)}
 
 
 # GPUs: training jobs ask for one only when a limit is given (--resources gpu=N or a

@@ -39,6 +39,31 @@ rule featurize:
         " --frame {input.frame} --out {output} > {log} 2>&1"
 
 
+# CHGNet's own graphs of a data set, for the foundation family: the same verb with the
+# foundation runs' overrides, into CHGNet's graph folder (a study whose model is CHGNet
+# itself reads the same folder: rule featurize makes those)
+ruleorder: featurize > featurize_chgnet
+
+
+rule featurize_chgnet:
+    input:
+        config=ancient(CONFIG),
+        frame=str(LAYOUT.frame(None, "{name}")),
+    output:
+        str(LAYOUT.graphs(None, "{name}", arch=FOUNDATION_ARCH)),
+    log:
+        f"{LOGS}/featurize/{FOUNDATION_ARCH}/{{name}}.log",
+    conda:
+        ENV
+    params:
+        dataset=lambda wc: LAYOUT.dataset_of(wc.name),
+        overrides=FOUNDATION_SET,
+        model=FOUNDATION_PARAMS["model"],
+    shell:
+        "tlmat featurize --config {input.config} {params.overrides} --no-progress"
+        " --dataset {params.dataset} --frame {input.frame} --out {output} > {log} 2>&1"
+
+
 # Crystals shared across data sets: PT exclusions, MPT multi-label clusters, leakage table.
 rule leakage:
     input:

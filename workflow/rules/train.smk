@@ -164,3 +164,33 @@ rule chain_stage:
         TRAIN_SHELL + " --kind chain --checkpoint {input.checkpoint} {params.overlap}"
         " --strategy {params.run.strategy} --dataset {params.run.dataset}"
         " --size {params.run.size} --trial {params.run.trial} > {log} 2>&1"
+
+
+# The foundation family: the shipped pre-trained CHGNet fine-tuned (no checkpoint: its
+# weights ship with the chgnet package), model.arch chgnet set on the study's config.
+rule foundation:
+    input:
+        unpack(run_inputs),
+    output:
+        **run_outputs("{run}"),
+    log:
+        f"{LOGS}/{{run}}.log",
+    wildcard_constraints:
+        run=r"foundation/[^/]+/ft-[^/]+/[^/]+/t\d+",
+    conda:
+        ENV
+    threads: STUDY["threads"]
+    resources:
+        gpu=GPU,
+    params:
+        verb="finetune",
+        out=f"{RUNS}/{{run}}",
+        run=run_of,
+        train=FOUNDATION_PARAMS,
+        overrides=FOUNDATION_SET,
+    shell:
+        TRAIN_SHELL + " {params.overrides} --kind finetune"
+        " --strategy {params.run.strategy} --lr {params.run.lr_tag}"
+        " --sampling {params.run.sampling}"
+        " --dataset {params.run.dataset} --size {params.run.size}"
+        " --trial {params.run.trial} > {log} 2>&1"

@@ -27,8 +27,7 @@ force/stress; a property head needs neither).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -39,10 +38,12 @@ from pymatgen.core import Structure
 from torch_geometric.data import Data
 from tqdm.auto import tqdm
 
+from tlmat.config import CHGNET_CACHE_FORMAT, chgnet_cache_key
 from tlmat.files import atomic_path
 from tlmat.graphs import not_interactive
 
-CHGNET_CACHE_FORMAT = 1
+log = logging.getLogger(__name__)
+
 #: CrystalGraph tensor fields with a per-graph first dimension, and their trailing shapes
 _FIELDS: dict[str, tuple[int, ...]] = {
     "atomic_number": (),
@@ -94,12 +95,9 @@ class CHGNetGraphSettings:
         return cls(config.chgnet_atom_graph_cutoff, config.chgnet_bond_graph_cutoff)
 
     def cache_key(self) -> str:
-        """Short hash of the settings plus the cache format: any change misses the cache."""
-        payload = json.dumps(
-            {**dataclasses.asdict(self), "kind": "chgnet", "format": CHGNET_CACHE_FORMAT},
-            sort_keys=True,
-        )
-        return hashlib.sha1(payload.encode()).hexdigest()[:10]
+        """Short hash of the settings plus the cache format: any change misses the cache
+        (computed torch-free in :func:`tlmat.config.chgnet_cache_key`, which the plan uses)."""
+        return chgnet_cache_key(self.atom_graph_cutoff, self.bond_graph_cutoff)
 
 
 def cache_path(directory: str | os.PathLike, settings: CHGNetGraphSettings) -> Path:
@@ -114,7 +112,7 @@ def _converter(settings: CHGNetGraphSettings):
         atom_graph_cutoff=settings.atom_graph_cutoff,
         bond_graph_cutoff=settings.bond_graph_cutoff,
         algorithm="fast",
-        on_isolated_atoms="error",
+        on_isolated_atoms="ignore",  # counted and logged by featurize_chgnet
     )
 
 
@@ -267,8 +265,11 @@ def featurize_chgnet(
 ) -> CHGNetGraphCache:
     """Convert every structure once with CHGNet's ``CrystalGraphConverter``.
 
-    A structure with an atom that has no neighbour within ``atom_graph_cutoff`` is an error
-    naming its id (CHGNet's own rule: its prediction would be meaningless).
+    An atom with no neighbour within ``atom_graph_cutoff`` (CHGNet warns: such a crystal is
+    far from what it was trained on; e.g. slabs with wide vacuum among Materials Project
+    entries) keeps its graph, only without bonds for that atom, so every data set and test set
+    stays whole and runs of other models pair with CHGNet's; the structures are counted and
+    logged. A structure without a single bond is an error naming its id.
     """
     if not len(structures) == len(ids) == len(targets):
         raise ValueError(
@@ -284,11 +285,30 @@ def featurize_chgnet(
         unit="struct",
         disable=not_interactive(progress),
     )
+    isolated = []
     for structure, ident in bar:
         try:
-            graphs.append(converter(structure, graph_id=str(ident)))
+            graph = converter(structure, graph_id=str(ident))
         except ValueError as err:
             raise ValueError(f"structure {ident}: {str(err).splitlines()[0]}") from err
+        n_bonded = len(torch.unique(graph.atom_graph[:, 0])) if len(graph.atom_graph) else 0
+        if n_bonded == 0:
+            raise ValueError(
+                f"structure {ident}: no two atoms within atom_graph_cutoff="
+                f"{settings.atom_graph_cutoff} Å, CHGNet has no graph for it"
+            )
+        if n_bonded < len(structure):
+            isolated.append(str(ident))
+        graphs.append(graph)
+    if isolated:
+        log.warning(
+            "%d structure(s) with atoms that have no neighbour within %g Å (kept; CHGNet "
+            "sees those atoms without bonds): %s%s",
+            len(isolated),
+            settings.atom_graph_cutoff,
+            ", ".join(isolated[:5]),
+            " …" if len(isolated) > 5 else "",
+        )
     return CHGNetGraphCache.from_crystal_graphs(ids, targets, graphs, settings)
 
 

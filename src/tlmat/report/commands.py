@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tlmat.config import finetune_lr, finetune_strategy
 from tlmat.data import DataError
+from tlmat.report.foundation import in_mptrj
 from tlmat.report.published import read_published_runs
 from tlmat.report.runs import StudyDefaults
 from tlmat.report.tables import write_tables
@@ -38,6 +39,10 @@ def study_defaults(config: Mapping) -> StudyDefaults:
         strategy=finetune_strategy(config),
         lr_strategies=tuple(config["study"]["learning_rate"]["strategies"]),
         sampling=config["finetune"].get("sampling", "random"),
+        target_only=tuple(
+            sorted(key for key, entry in config["datasets"].items() if entry.get("target_only"))
+        ),
+        in_mptrj=in_mptrj(config["datasets"]),
     )
 
 

@@ -13,6 +13,7 @@ Every figure of :data:`tlmat.report.names.FIGURES` is written per model as
 * :mod:`~tlmat.report.fig_ablations`: ``strategies``, ``learning_rate``, ``unfrozen_layers``;
 * :mod:`~tlmat.report.fig_runs`: ``learning_curves``, ``parity`` (from per-run files);
 * :mod:`~tlmat.report.fig_mpt_chains`: ``mpt``, ``chains``, ``chain_curves``;
+* :mod:`~tlmat.report.fig_foundation`: ``foundation`` (the fine-tuned CHGNet);
 * :mod:`~tlmat.report.fig_published`: ``published_parity``, ``trial_parity``;
 * :mod:`~tlmat.report.fig_style`: labels, style and helpers they share.
 
@@ -35,6 +36,7 @@ from tlmat.report.fig_ablations import (
     plot_strategies,
     plot_unfrozen_layers,
 )
+from tlmat.report.fig_foundation import plot_foundation
 from tlmat.report.fig_mpt_chains import plot_chain_curves, plot_chains, plot_mpt
 from tlmat.report.fig_pairwise import (
     plot_pairwise,
@@ -115,6 +117,8 @@ def _draw(
             return plot_chains(t["chains"], meta, out, stem)
         case "chain_curves":
             return plot_chain_curves(t["chains"], t["runs"], runs_dir, meta, out, stem)
+        case "foundation":
+            return plot_foundation(t["foundation"], meta, out, stem)
         case "published_parity":
             return plot_published_parity(t["comparison"], meta, out, stem)
         case "trial_parity":

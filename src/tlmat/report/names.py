@@ -26,10 +26,12 @@ TABLE_NAMES: tuple[str, ...] = (
     "sampling",
     "mpt",
     "chains",
+    "foundation",
     "headline",
     "comparison",
     "trial_parity",
     "environment",
+    "recommendation",
 )
 #: the one-page findings written next to the tables
 SUMMARY_NAME = "summary.md"
@@ -68,6 +70,7 @@ FIGURES: dict[str, FigureSource] = {
     "mpt": FigureSource("mpt", "mpt"),
     "chains": FigureSource("chains", "chains"),
     "chain_curves": FigureSource("chains", "chains"),
+    "foundation": FigureSource("foundation", "foundation"),
     "published_parity": FigureSource("comparison", "published"),
     "trial_parity": FigureSource("trial_parity", "published"),
 }

@@ -102,6 +102,11 @@ class StudyDefaults:
             only when scratch runs were repeated at several learning rates.
         sampling: how the plain fine-tunes drew their subsets (``finetune.sampling``); fine-tunes
             drawn otherwise belong to the sampling table only.
+        target_only: the target-only data sets (a user's own property, the out-of-domain
+            targets): the recommendation (:mod:`tlmat.report.recommendation`) leads with them.
+        in_mptrj: data set -> whether its structures come from the Materials Project, which
+            CHGNet's pre-training set MPtrj is built from (``datasets.<key>.in_mptrj``;
+            foundation.csv's ``pretraining_saw_test_structures``); unlisted: unknown.
     """
 
     pt_size: int | Mapping[str, int] | None
@@ -110,6 +115,8 @@ class StudyDefaults:
     scratch_lr: float | None = None
     lr_strategies: tuple[str, ...] = ()
     sampling: str = "random"
+    target_only: tuple[str, ...] = ()
+    in_mptrj: Mapping[str, bool] = dataclasses.field(default_factory=dict, hash=False)
 
 
 # ----------------------------------------------------------------------------- collection

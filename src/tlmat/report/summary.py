@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from tlmat.report import compare, environment, parity, stats
+from tlmat.report import compare, environment, foundation, parity, recommendation, stats
 from tlmat.report.cells import ablation_cells, best_sources, mpt_transfer_rows
 from tlmat.report.findings import FINDINGS_HEADER, findings_rows, study_scale
 from tlmat.report.names import RUN_KINDS
@@ -417,6 +417,8 @@ def summary_markdown(tables: Mapping[str, pd.DataFrame], meta: Meta | None = Non
             "significantly better (Holm)",
         ],
     )
+    parts += foundation.summary_lines(tables.get("foundation", empty))
+    parts += recommendation.summary_lines(tables.get("recommendation", empty), meta)
     parts += _comparison_lines(tables.get("comparison", empty))
     parts += trial_parity_lines(tables.get("trial_parity", empty))
     return "\n".join(parts).rstrip() + "\n"

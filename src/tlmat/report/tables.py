@@ -19,7 +19,9 @@ Conventions used by every table (the statistics live in :mod:`tlmat.report.stats
   ``…_holm`` columns their Holm–Bonferroni adjustment over the table's cells.
 * Runs may carry a ``family`` tag (published runs do: the paper's experiment); a tagged run
   belongs to its family's tables only, an untagged one (ours) is placed by the study defaults.
-* Every table carries ``model`` as its first key, so ALIGNN and CGCNN are never mixed.
+* Every table carries ``model`` as its first key, so ALIGNN and CGCNN are never mixed. The
+  one deliberate exception is ``foundation.csv``: each row sets the fine-tuned CHGNet (column
+  ``foundation``) beside the study model named in ``model`` (:mod:`tlmat.report.foundation`).
 
 The table and file names are registered in :mod:`tlmat.report.names`, which the workflow
 reads too.
@@ -36,7 +38,16 @@ from typing import Any
 import pandas as pd
 
 from tlmat.files import atomic_write_text
-from tlmat.report import compare, environment, headline, parity, stats, summary
+from tlmat.report import (
+    compare,
+    environment,
+    foundation,
+    headline,
+    parity,
+    recommendation,
+    stats,
+    summary,
+)
 from tlmat.report.names import SUMMARY_NAME, TABLE_NAMES
 from tlmat.report.runs import (
     PAIR_KEYS,
@@ -156,10 +167,12 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
         *GAIN_COLUMNS,
         *ONE_STAGE_COLUMNS,
     ),
+    "foundation": foundation.FOUNDATION_COLUMNS,
     "headline": headline.HEADLINE_COLUMNS,
     "comparison": compare.COMPARISON_COLUMNS,
     "trial_parity": parity.TRIAL_PARITY_COLUMNS,
     "environment": environment.ENVIRONMENT_COLUMNS,
+    "recommendation": recommendation.RECOMMENDATION_COLUMNS,
 }
 
 
@@ -582,6 +595,9 @@ def build_tables(
             ``comparison`` lists every cell both have.
     """
     tables = _study_tables(runs, defaults)
+    tables["foundation"] = foundation.foundation_table(
+        with_default_sampling(runs, defaults), defaults
+    )
     if published is not None:
         theirs = _study_tables(published, defaults)
         for name, keys in COMPARED_KEYS.items():
@@ -590,12 +606,17 @@ def build_tables(
     tables["comparison"] = compare.comparison_table(tables, defaults.pt_size)
     tables["trial_parity"] = parity.trial_parity_table(runs, published)
     tables["environment"] = environment.environment_table(runs)
+    # every run, stratified draws included: each (source, strategy, lr, sampling) is an option
+    tables["recommendation"] = recommendation.recommendation_table(runs, defaults)
     return tables
 
 
 def _study_tables(runs: pd.DataFrame, defaults: StudyDefaults) -> dict[str, pd.DataFrame]:
     """The tables computed from one set of runs (ours, or the published ones to compare)."""
-    every, runs = runs, with_default_sampling(runs, defaults)  # the sampling table reads all
+    # foundation runs (the shipped CHGNet fine-tuned: another model, no PT run of the study)
+    # are in `runs` and foundation.csv only; the sampling table reads every subset draw
+    every, others = runs, foundation.without_foundation_runs(runs)
+    runs = with_default_sampling(others, defaults)
     return {
         "runs": every,
         "scratch": scratch_table(runs, defaults),
@@ -605,7 +626,7 @@ def _study_tables(runs: pd.DataFrame, defaults: StudyDefaults) -> dict[str, pd.D
         "strategies": strategies(runs, defaults),
         "unfrozen_layers": unfrozen_layers(runs, defaults),
         "learning_rate": learning_rate(runs, defaults),
-        "sampling": sampling_table(every, defaults),
+        "sampling": sampling_table(others, defaults),
         "mpt": mpt_table(runs, defaults),
         "chains": chains_table(runs, defaults),
     }
