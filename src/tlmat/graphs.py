@@ -207,7 +207,37 @@ def _index_dtype(max_nodes: int) -> torch.dtype:
     return torch.int16 if max_nodes <= torch.iinfo(torch.int16).max + 1 else torch.int32
 
 
-class GraphCache:
+class IdIndexed:
+    """Rows of a per-structure cache (``ids``, ``targets``, one graph per row) addressed by
+    data-set id: shared by :class:`GraphCache` and CHGNet's graph cache."""
+
+    #: what the cache is called in errors
+    kind = "graph cache"
+
+    def _index(self, ids: torch.Tensor, targets: torch.Tensor) -> None:
+        self.ids, self.targets = ids, targets
+        self._position = {int(i): n for n, i in enumerate(ids.tolist())}
+        if len(self._position) != len(ids):
+            raise ValueError(f"{self.kind}: ids are not unique")
+
+    def __len__(self) -> int:
+        return self.ids.numel()
+
+    def position(self, ident: int) -> int:
+        """Row of structure ``ident`` (ids are data-set ids, not positions)."""
+        try:
+            return self._position[int(ident)]
+        except KeyError as err:
+            raise KeyError(f"id {ident} is not in the {self.kind}") from err
+
+    def graph(self, position: int) -> Data:
+        raise NotImplementedError
+
+    def graphs(self, ids: Sequence[int]) -> list[Data]:
+        return [self.graph(self.position(i)) for i in ids]
+
+
+class GraphCache(IdIndexed):
     """All graphs of one data set in flat tensors (as PyG's InMemoryDataset collates them).
 
     ``ids`` and ``targets`` travel with the graphs so a training run needs only this file.
@@ -228,23 +258,10 @@ class GraphCache:
         edge_ptr: torch.Tensor,
         settings: FeaturizerSettings,
     ) -> None:
-        self.ids, self.targets = ids, targets
+        self._index(ids, targets)
         self.z, self.node_ptr = z, node_ptr
         self.edge_index, self.edge_vec, self.edge_ptr = edge_index, edge_vec, edge_ptr
         self.settings = settings
-        self._position = {int(i): n for n, i in enumerate(ids.tolist())}
-        if len(self._position) != len(ids):
-            raise ValueError("graph cache: ids are not unique")
-
-    def __len__(self) -> int:
-        return self.ids.numel()
-
-    def position(self, ident: int) -> int:
-        """Row of structure ``ident`` (ids are data-set ids, not positions)."""
-        try:
-            return self._position[int(ident)]
-        except KeyError as err:
-            raise KeyError(f"id {ident} is not in the graph cache") from err
 
     def graph(self, position: int) -> Data:
         """Graph at row ``position`` with int64 indices and its target as ``y``."""
@@ -257,9 +274,6 @@ class GraphCache:
             y=self.targets[position].view(1).float(),
             num_nodes=n1 - n0,
         )
-
-    def graphs(self, ids: Sequence[int]) -> list[Data]:
-        return [self.graph(self.position(i)) for i in ids]
 
     @classmethod
     def from_arrays(

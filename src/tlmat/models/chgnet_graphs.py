@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from tlmat.config import CHGNET_CACHE_FORMAT, chgnet_cache_key
 from tlmat.files import atomic_path
-from tlmat.graphs import not_interactive
+from tlmat.graphs import IdIndexed, not_interactive
 
 log = logging.getLogger(__name__)
 
@@ -116,13 +116,15 @@ def _converter(settings: CHGNetGraphSettings):
     )
 
 
-class CHGNetGraphCache:
+class CHGNetGraphCache(IdIndexed):
     """CHGNet ``CrystalGraph``s of one data set in flat tensors, with ids and targets.
 
     ``tensors[field]`` is the concatenation over graphs of that ``CrystalGraph`` field and
     ``ptr[field]`` its offsets (graph ``p`` is rows ``ptr[p]:ptr[p+1]``); lattices are
     stored as 3 rows per graph.
     """
+
+    kind = "chgnet graph cache"
 
     def __init__(
         self,
@@ -132,21 +134,8 @@ class CHGNetGraphCache:
         ptr: dict[str, torch.Tensor],
         settings: CHGNetGraphSettings,
     ) -> None:
-        self.ids, self.targets = ids, targets
+        self._index(ids, targets)
         self.tensors, self.ptr, self.settings = tensors, ptr, settings
-        self._position = {int(i): n for n, i in enumerate(ids.tolist())}
-        if len(self._position) != len(ids):
-            raise ValueError("chgnet graph cache: ids are not unique")
-
-    def __len__(self) -> int:
-        return self.ids.numel()
-
-    def position(self, ident: int) -> int:
-        """Row of structure ``ident`` (ids are data-set ids, not positions)."""
-        try:
-            return self._position[int(ident)]
-        except KeyError as err:
-            raise KeyError(f"id {ident} is not in the chgnet graph cache") from err
 
     def crystal_graph(self, position: int):
         """The ``CrystalGraph`` at row ``position`` (views into the cache, no copy)."""
@@ -172,9 +161,6 @@ class CHGNetGraphCache:
             num_nodes=int(crystal_graph.atomic_number.numel()),
             crystal_graph=crystal_graph,
         )
-
-    def graphs(self, ids: Sequence[int]) -> list[Data]:
-        return [self.graph(self.position(i)) for i in ids]
 
     @classmethod
     def from_crystal_graphs(

@@ -39,23 +39,6 @@ from tlmat.report.runs import PAIR_KEYS, StudyDefaults, lr_is, of_kind, scratch_
 FOUNDATION_SOURCES: dict[str, str] = {"chgnet": "MPtrj"}
 FOUNDATION_KEYS: tuple[str, ...] = ("model", "foundation", "dataset", "size", "strategy")
 _STATS = ("n", *(f"{m}_{s}" for m in ("r2", "mae") for s in ("mean", "std", "ci95")))
-#: the gain over scratch, as every other table has it (tlmat.report.tables.GAIN_COLUMNS)
-_VS_SCRATCH = (
-    "scratch_n",
-    "scratch_r2_mean",
-    "scratch_mae_mean",
-    "n_pairs",
-    "gain_r2",
-    "gain_r2_ci95",
-    "gain_mae",
-    "gain_mae_ci95",
-    "unstable_r2_gain",
-    "p_mae_paired_t",
-    "p_r2_paired_t",
-    "p_mae_paired_t_holm",
-    "p_r2_paired_t_holm",
-    "negative_transfer",
-)
 
 
 def _versus(prefix: str) -> tuple[str, ...]:
@@ -79,7 +62,7 @@ FOUNDATION_COLUMNS: tuple[str, ...] = (
     *FOUNDATION_KEYS,
     "pretraining_saw_test_structures",
     *_STATS,
-    *_VS_SCRATCH,
+    *stats.GAIN_COLUMNS,
     "scratch_r2_std",
     "scratch_mae_std",
     "best_pairwise_source",

@@ -38,6 +38,25 @@ ADJUSTMENT_NAME = "Holm–Bonferroni"
 TEST_NAME = "two-sided paired t-test (scipy.stats.ttest_rel) over trials"
 
 
+#: the gain-over-scratch columns that every comparison table carries, in this order
+GAIN_COLUMNS: tuple[str, ...] = (
+    "scratch_n",
+    "scratch_r2_mean",
+    "scratch_mae_mean",
+    "n_pairs",
+    "gain_r2",
+    "gain_r2_ci95",
+    "gain_mae",
+    "gain_mae_ci95",
+    "unstable_r2_gain",
+    "p_mae_paired_t",
+    "p_r2_paired_t",
+    "p_mae_paired_t_holm",
+    "p_r2_paired_t_holm",
+    "negative_transfer",
+)
+
+
 def describe(values: Sequence[float] | pd.Series, prefix: str) -> dict[str, float]:
     """Mean, sample std (ddof=1) and 95 % t-interval half-width of the non-NaN values.
 

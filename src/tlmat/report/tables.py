@@ -77,22 +77,7 @@ PAIRED_COLUMNS: tuple[str, ...] = (
     "p_mae_paired_t",
     "p_r2_paired_t",
 )
-GAIN_COLUMNS: tuple[str, ...] = (
-    "scratch_n",
-    "scratch_r2_mean",
-    "scratch_mae_mean",
-    "n_pairs",
-    "gain_r2",
-    "gain_r2_ci95",
-    "gain_mae",
-    "gain_mae_ci95",
-    "unstable_r2_gain",
-    "p_mae_paired_t",
-    "p_r2_paired_t",
-    "p_mae_paired_t_holm",
-    "p_r2_paired_t_holm",
-    "negative_transfer",
-)
+GAIN_COLUMNS = stats.GAIN_COLUMNS
 #: ``source`` of the scratch rows of the FT-size sweep (the other rows name their PT source)
 SCRATCH_SOURCE = "scratch"
 
