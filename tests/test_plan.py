@@ -65,9 +65,9 @@ def test_quick_study_runs_per_family():
         "sampling": 1,  # BG -> DC at FT 100, stratified; the random run is the grid's
         "mpt": 2 + 2 + 2,  # without_dc -> dc, without_ebg -> ebg, all -> mine (target-only)
         "chains": 3,
-        "foundation": 2 * 8,  # every usable target x full, new_head_freeze at FT 100
+        "foundation": 2 * 3,  # dc, ph, mine x full, new_head_freeze at FT 100
     }
-    assert len(plan.runs) == sum(counts.values()) == 188
+    assert len(plan.runs) == sum(counts.values()) == 178
 
 
 def test_runs_know_their_inputs_and_groups(tmp_path):
