@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from tlmat.report.fig_style import (
@@ -20,6 +19,7 @@ from tlmat.report.fig_style import (
     Meta,
     clip_r2_axis,
     facets,
+    grouped_r2_bars,
     legend_outside,
     palette,
     prop_label,
@@ -67,23 +67,7 @@ def plot_foundation(table: pd.DataFrame, meta: Meta, out_dir: Path, stem: str) -
         cell = bars[bars["dataset"] == target]
         sizes = sorted(cell["size"].unique())
         levels = [s for s in order if s in set(cell["source"])]
-        width = 0.8 / max(len(levels), 1)
-        for k, level in enumerate(levels):
-            sub = cell[cell["source"] == level].set_index("size").reindex(sizes)
-            ax.bar(
-                np.arange(len(sizes)) - 0.4 + width * (k + 0.5),
-                sub["r2"].to_numpy(float),
-                width,
-                yerr=sub["r2_std"].fillna(0.0).to_numpy(float),
-                capsize=2,
-                color=colors.get(level, "0.6"),
-                label=level,
-                edgecolor="white",
-                linewidth=0.5,
-            )
-        ax.set_xticks(np.arange(len(sizes)))
-        ax.set_xticklabels([str(s) for s in sizes])
-        ax.set_xlabel("FT size")
+        grouped_r2_bars(ax, cell, levels, sizes, colors)
         seen = "\n(test structures in CHGNet's pre-training)" if _seen(table, target) else ""
         ax.set_title(prop_label(target, meta, units=False) + seen, fontsize=9)
         ax.axhline(0.0, color="0.5", linewidth=0.6)

@@ -22,6 +22,7 @@ from tlmat.report.fig_style import (
     SCRATCH_COLOR,
     Meta,
     facets,
+    grouped_r2_bars,
     legend_outside,
     palette,
     prop_label,
@@ -67,24 +68,7 @@ def plot_mpt(table: pd.DataFrame, meta: Meta, out_dir: Path, stem: str) -> list[
         cell = bars[bars["dataset"] == target]
         sizes = sorted(cell["size"].unique())
         levels = [s for s in order if s in set(cell["source"]) or s.startswith("best")]
-        width = 0.8 / max(len(levels), 1)
-        for k, level in enumerate(levels):
-            sub = cell[cell["source"] == level].set_index("size").reindex(sizes)
-            x = np.arange(len(sizes)) - 0.4 + width * (k + 0.5)
-            ax.bar(
-                x,
-                sub["r2"].to_numpy(float),
-                width,
-                yerr=sub["r2_std"].fillna(0.0).to_numpy(float),
-                capsize=2,
-                color=colors.get(level, "0.6"),
-                label=level,
-                edgecolor="white",
-                linewidth=0.5,
-            )
-        ax.set_xticks(np.arange(len(sizes)))
-        ax.set_xticklabels([str(s) for s in sizes])
-        ax.set_xlabel("FT size")
+        grouped_r2_bars(ax, cell, levels, sizes, colors)
         ax.set_title(prop_label(target, meta, units=False))
         ax.axhline(0.0, color="0.5", linewidth=0.6)
     axes[0].set_ylabel("Test R² (mean ± std)")

@@ -169,3 +169,31 @@ def skip(stem: str, why: str) -> list[Path]:
     """Log why a figure is not drawn; returns no files (a partial study still gets the rest)."""
     log.info("figure %s skipped: %s", stem, why)
     return []
+
+
+def grouped_r2_bars(
+    ax: Axes,
+    cell: pd.DataFrame,
+    levels: Sequence[str],
+    sizes: Sequence[int],
+    colors: Mapping[str, object],
+) -> None:
+    """One bar group per FT size, one bar (mean R² ± std) per ``source`` level of ``cell``
+    (columns ``source``, ``size``, ``r2``, ``r2_std``), with the FT sizes as x ticks."""
+    width = 0.8 / max(len(levels), 1)
+    for k, level in enumerate(levels):
+        sub = cell[cell["source"] == level].set_index("size").reindex(sizes)
+        ax.bar(
+            np.arange(len(sizes)) - 0.4 + width * (k + 0.5),
+            sub["r2"].to_numpy(float),
+            width,
+            yerr=sub["r2_std"].fillna(0.0).to_numpy(float),
+            capsize=2,
+            color=colors.get(level, "0.6"),
+            label=level,
+            edgecolor="white",
+            linewidth=0.5,
+        )
+    ax.set_xticks(np.arange(len(sizes)))
+    ax.set_xticklabels([str(s) for s in sizes])
+    ax.set_xlabel("FT size")
