@@ -96,6 +96,21 @@ def test_cache_round_trips_the_converters_graphs(tmp_path, structures, cache):
     assert loaded.graph(0).y.shape == (1,) and loaded.position(5) == 5
 
 
+def test_graph_settings_of_a_model_section_follow_its_cutoffs_else_the_pretrained_ones():
+    from tlmat.config import chgnet_graph_key
+
+    default = cg.CHGNetGraphSettings()
+    model = ModelConfig(arch="chgnet")
+    assert (default.atom_graph_cutoff, default.bond_graph_cutoff) == (6.0, 3.0)
+    assert cg.CHGNetGraphSettings.from_model_config(model) == default
+    assert cg.CHGNetGraphSettings.from_section(None) == default
+    section = {"chgnet_atom_graph_cutoff": 5, "chgnet_bond_graph_cutoff": 2.5}
+    wider = cg.CHGNetGraphSettings.from_section(section)
+    assert wider == cg.CHGNetGraphSettings(5.0, 2.5)
+    assert chgnet_graph_key(section) == "chgnet-" + wider.cache_key()
+    assert chgnet_graph_key({}) == "chgnet-" + default.cache_key()
+
+
 def test_cache_is_reused_and_rebuilt_when_a_setting_changes(tmp_path, structures, monkeypatch):
     calls = []
     real = cg._converter

@@ -195,9 +195,14 @@ def chgnet_cache_key(atom_graph_cutoff: float, bond_graph_cutoff: float) -> str:
     return hashlib.sha1(payload.encode()).hexdigest()[:10]
 
 
-def chgnet_graph_key(model: Mapping | None) -> str:
-    """``chgnet-<key>``: the graph folder of a ``model`` section run as CHGNet (its cut-offs,
-    else the pre-trained ones)."""
+def chgnet_cutoffs(model: Mapping | None) -> tuple[float, float]:
+    """The (atom graph, bond graph) cut-offs of a ``model`` section run as CHGNet: its own,
+    else the pre-trained ones."""
     model = model or {}
-    cutoffs = [model.get(key, default) for key, default in CHGNET_CUTOFFS.items()]
-    return "chgnet-" + chgnet_cache_key(*cutoffs)
+    atom, bond = (float(model.get(key, default)) for key, default in CHGNET_CUTOFFS.items())
+    return atom, bond
+
+
+def chgnet_graph_key(model: Mapping | None) -> str:
+    """``chgnet-<key>``: the graph folder of a ``model`` section run as CHGNet."""
+    return "chgnet-" + chgnet_cache_key(*chgnet_cutoffs(model))

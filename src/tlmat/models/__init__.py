@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tlmat.config import CHGNET_CUTOFFS
 from tlmat.models.alignn import ALIGNNBackbone
 from tlmat.models.cgcnn import CGCNNBackbone
 
@@ -67,8 +68,8 @@ class ModelConfig:
     heads: tuple[str, ...] = ("target",)
     mlp_heads: tuple[str, ...] = ()
     chgnet_version: str = "0.3.0"
-    chgnet_atom_graph_cutoff: float = 6.0
-    chgnet_bond_graph_cutoff: float = 3.0
+    chgnet_atom_graph_cutoff: float = CHGNET_CUTOFFS["chgnet_atom_graph_cutoff"]
+    chgnet_bond_graph_cutoff: float = CHGNET_CUTOFFS["chgnet_bond_graph_cutoff"]
 
     def __post_init__(self) -> None:
         if self.arch not in ALL_ARCHS:

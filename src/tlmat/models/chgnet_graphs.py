@@ -38,7 +38,7 @@ from pymatgen.core import Structure
 from torch_geometric.data import Data
 from tqdm.auto import tqdm
 
-from tlmat.config import CHGNET_CACHE_FORMAT, chgnet_cache_key
+from tlmat.config import CHGNET_CACHE_FORMAT, CHGNET_CUTOFFS, chgnet_cache_key, chgnet_cutoffs
 from tlmat.files import atomic_path
 from tlmat.graphs import IdIndexed, not_interactive
 
@@ -62,13 +62,14 @@ _FLOAT_FIELDS = ("atom_frac_coord", "neighbor_image", "lattice")
 class CHGNetGraphSettings:
     """The converter settings: everything that changes CHGNet's cached graphs.
 
-    The defaults are those of the pre-trained CHGNet 0.3.0 (6 Å atom graph, 3 Å bond graph);
-    they must equal the model's ``chgnet_atom_graph_cutoff`` / ``chgnet_bond_graph_cutoff``
-    (the backbone refuses graphs built otherwise).
+    The defaults are those of the pre-trained CHGNet 0.3.0 (6 Å atom graph, 3 Å bond graph;
+    ``tlmat.config.CHGNET_CUTOFFS``, shared with ``ModelConfig``); they must equal the model's
+    ``chgnet_atom_graph_cutoff`` / ``chgnet_bond_graph_cutoff`` (the backbone refuses graphs
+    built otherwise).
     """
 
-    atom_graph_cutoff: float = 6.0
-    bond_graph_cutoff: float = 3.0
+    atom_graph_cutoff: float = CHGNET_CUTOFFS["chgnet_atom_graph_cutoff"]
+    bond_graph_cutoff: float = CHGNET_CUTOFFS["chgnet_bond_graph_cutoff"]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "atom_graph_cutoff", float(self.atom_graph_cutoff))
@@ -84,10 +85,7 @@ class CHGNetGraphSettings:
     @classmethod
     def from_section(cls, model: Mapping | None) -> CHGNetGraphSettings:
         """The settings of a config's ``model`` section (unset cut-offs: the defaults)."""
-        model = model or {}
-        keys = {"atom_graph_cutoff": "chgnet_atom_graph_cutoff"}
-        keys["bond_graph_cutoff"] = "chgnet_bond_graph_cutoff"
-        return cls(**{field: model[key] for field, key in keys.items() if key in model})
+        return cls(*chgnet_cutoffs(model))
 
     @classmethod
     def from_model_config(cls, config) -> CHGNetGraphSettings:
