@@ -251,10 +251,14 @@ def test_other_targets_get_their_rank_one_option_at_the_largest_ft_size():
     for size, (s, g) in {100: (0.2, 0.4), 500: (0.5, 0.7)}.items():
         rows += [scratch(1, s, 0.5, dataset="dc", size=size)]
         rows += [finetune("bg", 1, g, 0.2, dataset="dc", size=size)]
-    lines = summary_lines(recommendation_table(frame(rows), DEFAULTS))
-    text = "\n".join(lines)
-    assert "The other targets, at their largest FT size:" in text
-    assert "| dc | 500 | bg:941 full | 0.70 | +0.20 | 4 |" in text
+    # a chain's intermediate stage: dc at 2000, no scratch there, so no recommendation
+    rows += [finetune("fe", 1, 0.9, 0.1, dataset="dc", size=2000)]
+    table = recommendation_table(frame(rows), DEFAULTS)
+    assert set(table["size"]) == {100, 500, 2000}  # the csv keeps every cell
+    text = "\n".join(summary_lines(table))
+    assert "The other targets, at their largest FT size with a scratch baseline:" in text
+    assert "| dc | 500 | bg:941 full | 0.70 | +0.20 | 2 |" in text  # options of that cell
+    assert "| dc | 2000 |" not in text
 
 
 # ----------------------------------------------------------------------------- the preset

@@ -412,7 +412,7 @@ def summary_lines(
             "trials",
         ]
         lines += [_markdown_table(rows, header), ""]
-    others = ranked[~ranked["target_only"].astype(bool)]
+    others = _comparable_cells(ranked[~ranked["target_only"].astype(bool)])
     if not others.empty:
         largest = others[others["size"] == others.groupby("dataset")["size"].transform("max")]
         best = largest.sort_values("rank").groupby("dataset", sort=True).head(1)
@@ -423,7 +423,7 @@ def summary_lines(
                 str(r["option"]),
                 _interval(r),
                 _signed(r.get("d_r2_mean")),
-                f"{int((others['dataset'] == r['dataset']).sum())}",
+                str(int((largest["dataset"] == r["dataset"]).sum())),
             ]
             for _, r in best.sort_values("dataset").iterrows()
         ]
@@ -436,12 +436,24 @@ def summary_lines(
             "options ranked",
         ]
         lines += [
-            "The other targets, at their largest FT size:",
+            "The other targets, at their largest FT size with a scratch baseline:",
             "",
             _markdown_table(rows, header),
             "",
         ]
     return lines
+
+
+def _comparable_cells(ranked: pd.DataFrame) -> pd.DataFrame:
+    """The cells that have a scratch run to compare with, all cells where none has.
+
+    A cell without scratch is typically a chain's intermediate stage (``fe:941>bg:2000``
+    fine-tunes bg at 2,000 structures, a size the study never trains from scratch): one
+    option, nothing to rank it against, so it is no recommendation for the target.
+    """
+    has_scratch = ranked["kind"].eq("scratch").groupby([ranked[k] for k in CELL_KEYS])
+    keep = has_scratch.transform("any")
+    return ranked[keep] if keep.any() else ranked
 
 
 def _interval(row: Mapping[str, Any]) -> str:
