@@ -451,6 +451,12 @@ def test_summary_markdown_headlines(runs: pd.DataFrame) -> None:
     r2_gain = {lr: (r2 - 1.9 / 3) / (1.9 / 3) * 100 for lr, r2 in (("lr", 0.58), ("last", 0.6))}
     assert f"| alignn | 0.0001 | 1 | {r2_gain['lr']:+.1f} | +65.0 | 0 |" in text
     assert f"| alignn | last_layer | 1 | {r2_gain['last']:+.1f} | +40.0 | 0 |" in text
+    # the PT-size sweep likewise: FE at PT 100 and 941 on the one cell run at both (DC at
+    # 800), not FE->DC at 100 nor BG->DC, which were run at PT 941 only
+    pt_sizes = text.split("## PT-size sweep")[1].split("## ")[0]
+    assert "| alignn | Formation energy (fe) | 100 | — | 1 | -17.9 | +52.5 | 0 |" in pt_sizes
+    assert "| alignn | Formation energy (fe) | 941 | — | 1 | +21.1 | +33.3 | 0 |" in pt_sizes
+    assert "| bg |" not in pt_sizes
 
 
 def test_summary_significance_uses_holm_adjusted_p() -> None:

@@ -178,6 +178,13 @@ def _best_lines(table: pd.DataFrame, by: str, what: str, spec: str = "") -> list
 
 
 def _pt_size_rows(table: pd.DataFrame, meta: Meta | None) -> list[list[str]]:
+    """One line per (model, PT source, PT size) over the cells run at several PT sizes.
+
+    The table also holds every grid cell at the default PT size (other targets, other FT
+    sizes); averaging those beside the few swept cells would compare different cells, so
+    only the cells where the PT size varied count (as for strategies and learning rates).
+    """
+    table = ablation_cells(table, "pt_size")
     if table.empty:
         return []
     return [
@@ -185,6 +192,7 @@ def _pt_size_rows(table: pd.DataFrame, meta: Meta | None) -> list[list[str]]:
             str(model),
             _label(source, meta),
             str(pt_size),
+            _trained_n(cells),
             str(len(cells)),
             _fmt(_stable_r2_mean(cells), "+.1f"),
             _fmt(cells["gain_mae"].astype(float).mean(), "+.1f"),
@@ -194,6 +202,14 @@ def _pt_size_rows(table: pd.DataFrame, meta: Meta | None) -> list[list[str]]:
             ["model", "pt_dataset", "pt_size"], sort=True
         )
     ]
+
+
+def _trained_n(cells: pd.DataFrame) -> str:
+    """The PT structures actually trained on (``pt_n``; a size beyond the pool is capped)."""
+    if "pt_n" not in cells.columns:
+        return "—"
+    trained = pd.to_numeric(cells["pt_n"], errors="coerce").dropna().astype(int).unique()
+    return "/".join(str(n) for n in sorted(trained)) or "—"
 
 
 def _mpt_rows(table: pd.DataFrame) -> list[list[str]]:
@@ -400,9 +416,9 @@ def summary_markdown(tables: Mapping[str, pd.DataFrame], meta: Meta | None = Non
         extra=_best_lines(lrs, "lr", "learning rate", "g"),
     )
     parts += _section(
-        "PT-size sweep (mean over targets and FT sizes)",
+        "PT-size sweep (cells run at several PT sizes; mean over their targets and FT sizes)",
         _pt_size_rows(tables.get("pt_size_sweep", empty), meta),
-        ["model", "PT source", "PT size", *gain_header],
+        ["model", "PT source", "PT size", "trained on", *gain_header],
     )
     parts += _section(
         "Multi-property pre-training (mean over targets and FT sizes)",
